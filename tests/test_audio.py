@@ -1,0 +1,44 @@
+import math
+
+import numpy as np
+import pytest
+
+from wdx.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, encode_audio, resample, to_mono
+from tests.conftest import speechlike
+
+
+@pytest.mark.parametrize("ext,rate,channels", [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1),
+                                               ("ogg", 8000, 1), ("m4a", 48000, 1), ("wav", 8000, 1)])
+def test_every_format_decodes_to_mono_16k(ext, rate, channels):
+    wave = speechlike(1.5, rate, channels=channels)
+    frames, got_rate = decode_audio(encode_audio(wave, rate, ext), ext)
+    assert got_rate == rate and frames.shape[0] == channels and frames.dtype == np.float32
+    mono = resample(to_mono(frames), rate, 16000)
+    n = frames.shape[1]
+    assert len(mono) == math.ceil(n * 16000 / rate)
+    if ext in ("wav", "flac", "ogg", "mp3"):
+        assert n == wave.shape[-1]
+    else:  # AAC adds encoder priming and rounds up to whole 1024-sample frames
+        assert wave.shape[-1] <= n <= wave.shape[-1] + 3 * 1024
+
+
+def test_lossless_round_trip_is_exact_to_16_bits():
+    wave = speechlike(0.5, 16000)
+    frames, _ = decode_audio(encode_audio(wave, 16000, "flac"), "flac")
+    assert np.abs(frames[0] - wave).max() < 1 / 2**15
+
+
+def test_stereo_is_averaged():
+    frames = np.stack([np.ones(10, np.float32), np.zeros(10, np.float32)])
+    assert np.allclose(to_mono(frames), 0.5)
+
+
+@pytest.mark.parametrize("ext", AUDIO_EXTENSIONS)
+def test_garbage_bytes_raise_one_error_type(ext):
+    with pytest.raises(AudioDecodeError):
+        decode_audio(b"this is not audio" * 50, ext)
+
+
+def test_resample_is_identity_at_same_rate():
+    wave = speechlike(0.1, 16000)
+    assert resample(wave, 16000, 16000) is wave

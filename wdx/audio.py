@@ -1,0 +1,97 @@
+"""Audio bytes -> mono float32 at the target rate; and the reverse, for packing and tests.
+
+soundfile (libsndfile in its wheel) decodes wav/flac/ogg/mp3; PyAV (FFmpeg in its wheel)
+decodes m4a/aac and anything libsndfile rejects. torchaudio >= 2.9 no longer decodes
+files itself, so it is used for resampling only (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import av
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "m4a")
+_SOUNDFILE_EXTENSIONS = {"wav", "flac", "mp3", "ogg"}
+_SOUNDFILE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
+                      "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+class AudioDecodeError(ValueError):
+    """The bytes are not audio that either decoder can read."""
+
+
+def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
+    """Decode `data` to float32 of shape [channels, frames] and its sample rate."""
+    if ext in _SOUNDFILE_EXTENSIONS:
+        try:
+            frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            return np.ascontiguousarray(frames.T), int(rate)
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            pass  # e.g. a mislabelled m4a: let FFmpeg have a go before giving up
+    return _decode_with_av(data, ext)
+
+
+def _decode_with_av(data: bytes, ext: str) -> tuple[np.ndarray, int]:
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"no audio stream in .{ext} bytes")
+            stream = container.streams.audio[0]
+            # Planar float keeps every codec's samples in one layout: [channels, frames].
+            resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
+            chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray() for out in resampler.resample(None)]
+            rate = stream.rate
+    except (av.FFmpegError, ValueError, IndexError, EOFError) as exc:
+        raise AudioDecodeError(f"cannot decode .{ext} bytes: {exc}") from None
+    if not chunks:
+        return np.zeros((1, 0), np.float32), int(rate)
+    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), int(rate)
+
+
+def to_mono(frames: np.ndarray) -> np.ndarray:
+    """Average channels: [channels, n] -> [n]."""
+    return frames[0] if frames.shape[0] == 1 else frames.mean(axis=0, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(orig_sr: int, new_sr: int) -> torchaudio.transforms.Resample:
+    # Building the sinc kernel costs more than applying it to a short clip, so it is
+    # built once per rate pair and per process (each loader worker has its own cache).
+    return torchaudio.transforms.Resample(orig_sr, new_sr)
+
+
+def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
+    """Resample a mono float32 signal; a no-op when the rates agree."""
+    if orig_sr == new_sr:
+        return wave
+    with torch.no_grad():
+        return _resampler(orig_sr, new_sr)(torch.from_numpy(wave)).numpy()
+
+
+def encode_audio(wave: np.ndarray, rate: int, ext: str) -> bytes:
+    """Encode float32 audio ([n] or [channels, n]) in `ext` format, for packing and tests."""
+    frames = wave[None, :] if wave.ndim == 1 else wave
+    buf = io.BytesIO()
+    if ext in _SOUNDFILE_FORMATS:
+        fmt, subtype = _SOUNDFILE_FORMATS[ext]
+        sf.write(buf, frames.T, rate, format=fmt, subtype=subtype)
+        return buf.getvalue()
+    if ext != "m4a":
+        raise ValueError(f"cannot encode .{ext}: expected one of {', '.join(AUDIO_EXTENSIONS)}")
+    layout = "mono" if frames.shape[0] == 1 else "stereo"
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(frames, np.float32), format="fltp", layout=layout)
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()

@@ -1,0 +1,339 @@
+"""The WebDataset pipeline: shards -> decoded, resampled, labelled samples -> batches.
+
+Stages, in order (each a plain generator, testable alone):
+    read_slot      raw tar samples of this slot's range, skipping before any decoding
+    block_shuffle  seeded shuffle in fixed blocks, so a position can be resumed exactly
+    decode         bytes -> mono float32 at the target rate, text, domain
+    batch          fixed batch sizes (train) or everything once (eval)
+
+Only `read_slot` and `decode` may drop samples, and only through `Skips`, which counts
+them by reason; each batch carries the counts since the previous batch so the main process
+can report them for the whole run, workers and ranks included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
+from .domains import DOMAINS
+from .shards import DatasetError, Split, open_url
+from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
+from .text import normalize_text
+
+log = logging.getLogger(__name__)
+
+MAX_SECONDS = 30.0  # Whisper's encoder sees exactly 30 s; longer audio cannot be trained on
+SKIP_LOG_LIMIT = 20  # per reason and process: the first few are logged with shard and key
+
+
+class Skips:
+    """The one place samples are dropped: counted by reason, the first few logged."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= SKIP_LOG_LIMIT:
+            log.warning("skipped %s/%s: %s%s", shard, key, reason, f" ({detail})" if detail else "")
+
+    def take(self) -> dict[str, int]:
+        """Counts since the last call (attached to each batch)."""
+        out, self.counts = dict(self.counts), Counter()
+        return out
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a slot's stream stands: `batches` batches done, item `offset` of shuffle
+    block `block` is next. Each training batch carries the position after it."""
+
+    batches: int = 0
+    block: int = 0
+    offset: int = 0
+
+
+def _shard_name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """Raw samples (dicts of member bytes by extension) of one tar shard, in tar order."""
+    stream = open_url(url)
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+        yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def read_slot(split: Split, segments: list, length: int, first: int, skips: Skips,
+              repeat: bool) -> Iterator[tuple[int, dict]]:
+    """Yield (index, raw sample) for the slot's samples, from stream index `first` on.
+
+    Indices count plan positions, not yielded samples, so a short or broken shard never
+    shifts the positions after it. With `repeat`, the range is read again and again (index
+    keeps growing), which lets a training slot that lost samples still fill its batches.
+    """
+    passes = range(first // length, 2**62) if repeat else range(first // length, 1)
+    for n_pass in passes:
+        base = n_pass * length
+        yielded = 0
+        for seg_base, seg in _segment_offsets(segments):
+            if base + seg_base + (seg.stop - seg.start) <= first:
+                continue  # whole segment before the resume point: not even opened
+            url = split.urls[seg.shard]
+            try:
+                for i, sample in enumerate(iter_shard(url)):
+                    if i >= seg.stop:
+                        break
+                    index = base + seg_base + i - seg.start
+                    if i < seg.start or index < first:
+                        continue  # skipped before decoding
+                    yielded += 1
+                    yield index, sample
+            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {exc}")
+        if yielded == 0 and n_pass > first // length:
+            raise DatasetError(f"{split.name}: a slot's shards yielded no samples at all "
+                               f"({', '.join(_shard_name(split.urls[s.shard]) for s in segments)})")
+
+
+def _segment_offsets(segments: list) -> Iterator[tuple[int, object]]:
+    offset = 0
+    for seg in segments:
+        yield offset, seg
+        offset += seg.stop - seg.start
+
+
+def block_shuffle(src: Iterable[tuple[int, dict]], block: int, seed: str,
+                  start: Position) -> Iterator[tuple[tuple[int, int], dict]]:
+    """Shuffle within consecutive blocks of `block` stream indices.
+
+    A rolling buffer would make the order after a resume depend on what was in the buffer
+    when the run died; fixed blocks shuffled with a seed derived from the block number can
+    be replayed from any (block, offset). Blocks hold raw bytes, so nothing is decoded for
+    samples that are skipped on resume.
+    """
+    def flush(b: int, items: list) -> Iterator[tuple[tuple[int, int], dict]]:
+        if block > 1:
+            random.Random(f"{seed}-{b}").shuffle(items)
+        for j, (_, sample) in enumerate(items):
+            if (b, j) >= (start.block, start.offset):
+                yield (b, j), sample
+
+    current, items = start.block, []
+    for index, sample in src:
+        b = index // block
+        if b != current and items:
+            yield from flush(current, items)
+            items = []
+        current = b
+        items.append((index, sample))
+    if items:
+        yield from flush(current, items)
+
+
+def decode(src: Iterable[tuple[tuple[int, int], dict]], *, target_sr: int, split_domain: str | None,
+           default_domain: str | None, skips: Skips, give_up_after: int | None = None) -> Iterator[dict]:
+    """Raw member bytes -> {audio, text, domain, key, shard, duration, pos}; bad samples skipped.
+
+    `give_up_after` consecutive skips end the stream with an error: a training slot reads
+    its range in a loop, and a range with no usable sample would otherwise spin forever.
+    """
+    in_a_row = 0
+    for pos, raw in src:
+        shard, key = _shard_name(raw.get("__url__", "?")), raw["__key__"]
+        result = decode_sample(raw, target_sr=target_sr, split_domain=split_domain,
+                               default_domain=default_domain)
+        if isinstance(result, str):
+            reason, _, detail = result.partition(":")
+            skips.skip(reason, shard, key, detail.strip())
+            in_a_row += 1
+            if give_up_after is not None and in_a_row > give_up_after:
+                raise DatasetError(f"{shard}/{key}: {in_a_row} samples in a row unusable "
+                                   f"(last: {reason}); see the skip log above")
+            continue
+        in_a_row = 0
+        result.update(key=key, shard=shard, pos=pos)
+        yield result
+
+
+def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
+                  default_domain: str | None) -> dict | str:
+    """Decode one raw sample, or return the skip reason ("reason: detail").
+
+    `target_sr=None` keeps the source rate (for `wdx.inspect`, which only measures).
+    """
+    ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
+    if ext is None:
+        return "no_audio: members " + ",".join(k for k in raw if not k.startswith("__"))
+    if "txt" not in raw:
+        return "no_transcript"
+    try:
+        text = normalize_text(raw["txt"].decode("utf-8"))
+    except UnicodeDecodeError:
+        return "bad_transcript_encoding: not UTF-8"
+    if not text:
+        return "empty_transcript"
+    domain = resolve_domain(raw, split_domain, default_domain)
+    if domain not in DOMAINS:
+        return f"{'no_domain' if domain is None else 'unknown_domain'}: {domain!r}"
+    try:
+        frames, rate = decode_audio(raw[ext], ext)
+    except AudioDecodeError as exc:
+        return f"corrupt_audio: {exc}"
+    if frames.shape[1] == 0:
+        return "empty_audio"
+    duration = frames.shape[1] / rate
+    if duration > MAX_SECONDS:
+        return f"too_long: {duration:.1f} s"
+    wave = to_mono(frames)
+    if not np.isfinite(wave).all():
+        return "nonfinite_audio: NaN or inf samples"
+    return dict(audio=wave if target_sr is None else resample(wave, rate, target_sr), text=text, domain=domain, duration=duration,
+                format=ext, sample_rate=rate, channels=frames.shape[0])
+
+
+def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:
+    """Sample (`domain` member or json "domain") -> split's metadata.json -> --default-domain."""
+    if "domain" in raw:
+        return raw["domain"].decode("utf-8", "replace").strip()
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        if isinstance(meta, dict) and meta.get("domain") is not None:
+            return str(meta["domain"])
+    return split_domain or default_domain
+
+
+def batched(src: Iterable[dict], sizes: list[int] | None, batch_size: int, collate: Callable,
+            skips: Skips, done: int = 0) -> Iterator[dict]:
+    """Group samples into batches: exactly `sizes` when given (train), else all, by `batch_size`.
+
+    Each batch carries the skip counts since the previous one and, for resuming, the
+    stream position just after its last sample.
+    """
+    src = iter(src)
+    plan = iter(sizes) if sizes is not None else iter(lambda: batch_size, None)
+    for k, size in enumerate(plan, start=done + 1):
+        samples = [s for _, s in zip(range(size), src)]
+        if not samples:
+            return
+        batch = collate(samples)
+        batch["skips"] = skips.take()
+        block, offset = samples[-1]["pos"]
+        batch["resume"] = Position(k, block, offset + 1)
+        yield batch
+
+
+def default_collate(samples: list[dict]) -> dict:
+    """Audio zero-padded to the longest in the batch, plus the per-sample fields as lists.
+
+    Padding to the full 30 s happens in `features.log_mel`, on the training device, so
+    the workers and the host-to-device copy move only the real audio.
+    """
+    audio = torch.zeros(len(samples), max(len(s["audio"]) for s in samples))
+    for i, s in enumerate(samples):
+        audio[i, : len(s["audio"])] = torch.from_numpy(s["audio"])
+    return dict(audio=audio, **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})
+
+
+class ShardedSamples(torch.utils.data.IterableDataset):
+    """One split's batches for one rank; each loader worker reads its own slot.
+
+    Epoch and resume positions live in shared memory so that persistent workers see them.
+    """
+
+    def __init__(self, split: Split, *, rank: int, world_size: int, num_workers: int, batch_size: int,
+                 train: bool, seed: int, target_sr: int, default_domain: str | None,
+                 shuffle_block: int, collate: Callable = default_collate) -> None:
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.workers = max(1, num_workers)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.target_sr, self.default_domain = target_sr, default_domain
+        self.shuffle_block = shuffle_block if train else 1
+        self.collate = collate
+        self._epoch = mp.Value("q", 0, lock=False)
+        self._start = mp.Array("q", [0] * (3 * self.workers), lock=False)
+        n_slots = world_size * self.workers
+        if train and split.total < n_slots:
+            raise DatasetError(f"{split.name}: {split.total} samples cannot feed {n_slots} "
+                               f"loader slots ({world_size} processes x {self.workers} workers)")
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.workers
+
+    def samples_per_slot(self) -> int:
+        return slot_bounds(self.split.total, self.slots, 0, equal=True)[1] if self.train else -1
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (train: the same on every rank)."""
+        if self.train:
+            return self.workers * len(batch_sizes(self.samples_per_slot(), self.batch_size))
+        return sum(math.ceil((e - b) / self.batch_size) for b, e in
+                   (slot_bounds(self.split.total, self.slots, self.rank * self.workers + w, equal=False)
+                    for w in range(self.workers)))
+
+    def set_epoch(self, epoch: int, starts: list[Position] | None = None) -> None:
+        """Call before iterating; `starts` (one per worker) resumes mid-epoch."""
+        self._epoch.value = epoch
+        for w in range(self.workers):
+            p = starts[w] if starts else Position()
+            self._start[3 * w: 3 * w + 3] = [p.batches, p.block, p.offset]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.rank * self.workers + worker
+        epoch = self._epoch.value
+        start = Position(*self._start[3 * worker: 3 * worker + 3])
+        order = shard_order(len(self.split.urls), self.seed, epoch, shuffle=self.train)
+        begin, end = slot_bounds(self.split.total, self.slots, slot, equal=self.train)
+        segments = slot_segments(self.split.counts, order, begin, end)
+        length = end - begin
+        sizes = batch_sizes(length, self.batch_size)[start.batches:] if self.train else None
+        skips = Skips()
+        pipeline = wds.DataPipeline(
+            lambda: read_slot(self.split, segments, max(length, 1), start.block * self.shuffle_block,
+                              skips, repeat=self.train),
+            lambda src: block_shuffle(src, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
+            lambda src: decode(src, target_sr=self.target_sr, split_domain=self.split.domain,
+                               default_domain=self.default_domain, skips=skips,
+                               give_up_after=length + self.shuffle_block if self.train else None),
+            lambda src: batched(src, sizes, self.batch_size, self.collate, skips, done=start.batches),
+        )
+        for batch in pipeline:
+            batch["worker"] = worker
+            yield batch
+
+
+def make_loader(dataset: ShardedSamples, num_workers: int, persistent_workers: bool = False,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over ready-made batches (batching happens in the workers).
+
+    Not to be passed to `accelerator.prepare`: Accelerate would re-shard or broadcast an
+    iterable loader (DESIGN.md); the slots above already split the data by rank and worker.
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

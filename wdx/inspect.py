@@ -1,0 +1,121 @@
+"""Print what a dataset holds, split by split, decoding every sample.
+
+    python -m wdx.inspect ROOT [--splits train val_small] [--json OUT.json]
+
+Per split: shards, samples (metadata.json vs counted in the tars), hours, domain balance,
+formats / sample rates / channels, and the samples the trainer would skip, by reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from .data import Skips, _shard_name, decode_sample, iter_shard
+from .shards import DatasetError, Split, load_split
+
+DEFAULT_SPLITS = ("train", "val_small")
+
+
+@dataclass
+class SplitReport:
+    name: str
+    shards: int
+    metadata_samples: int
+    counted_samples: int = 0
+    usable_samples: int = 0
+    hours: float = 0.0
+    domains: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    sample_rates: Counter = field(default_factory=Counter)
+    channels: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    count_mismatches: list = field(default_factory=list)  # (shard, metadata, counted)
+
+
+def inspect_split(split: Split, default_domain: str | None = None) -> SplitReport:
+    """Read every sample of `split` the way the trainer does (no resampling)."""
+    report = SplitReport(split.name, len(split.urls), split.total)
+    skips = Skips()
+    with tqdm(total=split.total, desc=split.name, unit="sample", leave=False) as bar:
+        for url, expected in zip(split.urls, split.counts):
+            counted = 0
+            try:
+                for raw in iter_shard(url):
+                    counted += 1
+                    bar.update()
+                    _add(report, skips, raw, split, default_domain)
+            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+                skips.skip("corrupt_shard", _shard_name(url), "-", str(exc))
+            report.counted_samples += counted
+            if counted != expected:
+                report.count_mismatches.append((_shard_name(url), expected, counted))
+    report.skipped = Counter(skips.take())
+    return report
+
+
+def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None) -> None:
+    sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain)
+    if isinstance(sample, str):
+        reason, _, detail = sample.partition(":")
+        skips.skip(reason, _shard_name(raw.get("__url__", "?")), raw["__key__"], detail.strip())
+        return
+    report.usable_samples += 1
+    report.hours += sample["duration"] / 3600
+    report.domains[sample["domain"]] += 1
+    report.formats[sample["format"]] += 1
+    report.sample_rates[sample["sample_rate"]] += 1
+    report.channels[sample["channels"]] += 1
+
+
+def format_report(r: SplitReport) -> str:
+    def counts(c: Counter) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(c.items(), key=lambda kv: str(kv[0]))) or "-"
+
+    lines = [
+        f"== {r.name}",
+        f"  shards            {r.shards}",
+        f"  samples           {r.counted_samples} counted, {r.metadata_samples} in metadata.json",
+        f"  usable            {r.usable_samples} ({r.hours:.3f} h)",
+        f"  domains           {counts(r.domains)}",
+        f"  formats           {counts(r.formats)}",
+        f"  sample rates      {counts(r.sample_rates)}",
+        f"  channels          {counts(r.channels)}",
+        f"  skipped           {counts(r.skipped)}",
+    ]
+    lines += [f"  COUNT MISMATCH    {s}: metadata says {m}, tar holds {c}" for s, m, c in r.count_mismatches]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="dataset root (a directory or a URL WebDataset can open)")
+    parser.add_argument("--splits", nargs="+", default=list(DEFAULT_SPLITS))
+    parser.add_argument("--samples-per-shard", type=int, help="count to assume where metadata.json is missing")
+    parser.add_argument("--default-domain", help="domain for samples that name none")
+    parser.add_argument("--json", help="also write the reports here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # skips are in the table
+    reports = []
+    try:
+        for name in args.splits:
+            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard), args.default_domain))
+            print(format_report(reports[-1]), flush=True)
+    except DatasetError as exc:
+        print(f"wdx.inspect: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

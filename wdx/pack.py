@@ -1,0 +1,147 @@
+"""Build a dataset in the documented format from a manifest of audio files.
+
+    python -m wdx.pack MANIFEST OUT_ROOT [--max-samples-per-shard N] [--max-shard-mb M]
+
+MANIFEST is CSV (with a header) or JSONL with the fields `audio_path`, `text`, `domain`,
+`split` (train / val_small / ...); any other field (e.g. `speaker`) goes into the sample's
+json member. Audio bytes are stored as they are (no re-encoding). Relative audio paths are
+taken relative to the manifest's directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from .audio import AUDIO_EXTENSIONS
+from .domains import DOMAINS
+from .shards import METADATA
+from .text import normalize_text
+
+log = logging.getLogger(__name__)
+REQUIRED = ("audio_path", "text", "domain", "split")
+
+
+class ManifestError(ValueError):
+    """A manifest row that cannot be packed (names the file and line)."""
+
+
+def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: int = 1000,
+                max_bytes: int = 1 << 30, domain: str | None = None) -> list[dict]:
+    """Write samples (dicts of tar members: `__key__`, `wav`, `txt`, ...) as shards + metadata.json.
+
+    A shard closes when it holds `max_count` samples or `max_bytes` of member data.
+    Returns the metadata's shard list. metadata.json is written last, to a temporary name
+    then renamed, so a split with a metadata.json is a complete split.
+    """
+    split_dir = Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    writer, count, size = None, 0, 0
+    for sample in samples:
+        if writer is None or count >= max_count or size >= max_bytes:
+            if writer is not None:
+                writer.close()
+                shards.append({"filename": name, "samples": count})
+            name = f"shard_{len(shards):06d}.tar"
+            writer, count, size = wds.TarWriter(str(split_dir / name)), 0, 0
+        writer.write(sample)
+        count += 1
+        size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+    if writer is not None:
+        writer.close()
+        shards.append({"filename": name, "samples": count})
+    meta = {"total_samples": sum(s["samples"] for s in shards), "shards": shards}
+    if domain is not None:
+        meta["domain"] = domain
+    tmp = split_dir / (METADATA + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, split_dir / METADATA)
+    return shards
+
+
+def read_manifest(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for a CSV or JSONL manifest."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ManifestError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        else:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                yield n, row
+
+
+def to_sample(row: dict, where: str, base: Path, index: int) -> tuple[str, dict]:
+    """One manifest row -> (split, tar members)."""
+    missing = [k for k in REQUIRED if not str(row.get(k) or "").strip()]
+    if missing:
+        raise ManifestError(f"{where}: missing {', '.join(missing)}")
+    audio = base / row["audio_path"]
+    ext = audio.suffix.lower().lstrip(".")
+    if ext not in AUDIO_EXTENSIONS:
+        raise ManifestError(f"{where}: {audio.name}: unsupported format .{ext} "
+                            f"(expected {', '.join(AUDIO_EXTENSIONS)})")
+    if row["domain"] not in DOMAINS:
+        raise ManifestError(f"{where}: unknown domain {row['domain']!r} (expected {', '.join(DOMAINS)})")
+    try:
+        data = audio.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{where}: {audio}: {exc.strerror}") from None
+    extra = {k: v for k, v in row.items() if k not in ("audio_path", "text", "split") and v not in (None, "")}
+    key = f"{index:08d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", audio.stem)[:80]  # no dots: wds splits on them
+    members = {"__key__": key, ext: data, "txt": normalize_text(str(row["text"])).encode("utf-8"),
+               "json": json.dumps(extra, ensure_ascii=False).encode("utf-8")}
+    return row["split"], members
+
+
+def pack(manifest: Path, out: Path, max_count: int, max_bytes: int) -> dict[str, list[dict]]:
+    """Pack every split named in the manifest; validates the whole manifest before writing."""
+    by_split: dict[str, list[tuple[str, dict]]] = {}
+    base = manifest.parent
+    for i, (n, row) in enumerate(tqdm(list(read_manifest(manifest)), desc="reading manifest", unit="row")):
+        split, _ = to_sample(row, f"{manifest}:{n}", base, i)  # validate everything first: fail before writing
+        by_split.setdefault(split, []).append((f"{manifest}:{n}", row))
+    written = {}
+    for split, rows in by_split.items():
+        if (out / split / METADATA).exists():
+            raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
+        samples = (to_sample(row, where, base, i)[1] for i, (where, row) in enumerate(rows))
+        written[split] = write_split(out / split, tqdm(samples, total=len(rows), desc=f"packing {split}",
+                                                       unit="sample"), max_count=max_count, max_bytes=max_bytes)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.pack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("manifest", type=Path, help="CSV or JSONL: audio_path, text, domain, split")
+    parser.add_argument("out", type=Path, help="dataset root to create (ROOT/<split>/shard_*.tar)")
+    parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
+    parser.add_argument("--max-shard-mb", type=float, default=1024, help="close a shard at this much audio+text")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20))
+    except (ManifestError, OSError) as exc:
+        print(f"wdx.pack: error: {exc}", file=sys.stderr)
+        return 1
+    for split, shards in written.items():
+        log.info("%s: %d samples in %d shards", args.out / split, sum(s["samples"] for s in shards), len(shards))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

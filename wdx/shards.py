@@ -1,0 +1,140 @@
+"""A split on disk or behind a URL: its shard URLs, their sample counts and its domain.
+
+Layout (README "Dataset format"):
+    ROOT/<split>/shard_000000.tar ...  ROOT/<split>/metadata.json
+    metadata.json: {"total_samples": N, "shards": [{"filename": ..., "samples": n}, ...],
+                    "domain": "normal"}   # "domain" optional: the split's default
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import IO
+
+import webdataset as wds
+
+from .domains import DOMAINS
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.json"
+
+
+class DatasetError(ValueError):
+    """The dataset on disk does not match the documented format (one line, names the file)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """What a split holds according to its metadata (or the fallback count)."""
+
+    name: str
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]  # samples per shard, in `urls` order
+    domain: str | None  # the split-level default domain, if metadata.json names one
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts for local dirs and URLs alike (`pipe:` URLs are templates: see README)."""
+    if root.startswith("pipe:"):
+        raise DatasetError(f"--dataset-root {root!r}: a pipe: root must contain '{{}}' for the file path")
+    if is_url(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def open_url(url: str) -> IO[bytes]:
+    """Open a local path or any URL that WebDataset's gopen or fsspec understands."""
+    scheme = url.split(":", 1)[0] if is_url(url) else ""
+    if not scheme or scheme in wds.gopen_schemes or scheme == "file":
+        return wds.gopen(url, "rb")
+    import fsspec  # s3://, gcs://, az:// ...: needs the matching fsspec backend installed
+
+    return fsspec.open(url, "rb").open()
+
+
+def _read_metadata(url: str) -> dict | None:
+    try:
+        with open_url(url) as f:
+            raw = f.read()
+    except (FileNotFoundError, OSError):
+        return None
+    if not raw:
+        return None  # pipe: URLs report a missing file as an empty stream
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{url}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise DatasetError(f'{url}: expected {{"total_samples": N, "shards": [{{"filename": ..., "samples": n}}]}}')
+    return meta
+
+
+def _parse_shards(meta: dict, url: str) -> tuple[list[str], list[int]]:
+    names, counts = [], []
+    for i, entry in enumerate(meta["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            raise DatasetError(f"{url}: shards[{i}] has no 'filename'")
+        n = entry.get("samples")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DatasetError(f"{url}: shards[{i}] ({entry['filename']}) has no valid 'samples' count")
+        names.append(entry["filename"])
+        counts.append(n)
+    total = meta.get("total_samples")
+    if total is not None and total != sum(counts):
+        log.warning("%s: total_samples=%s but the shards' counts add up to %d; using %d",
+                    url, total, sum(counts), sum(counts))
+    return names, counts
+
+
+def _list_local_shards(split_dir: str) -> list[str]:
+    if not os.path.isdir(split_dir):
+        raise DatasetError(f"{split_dir}: split directory not found")
+    return sorted(f for f in os.listdir(split_dir) if f.endswith(".tar"))
+
+
+def _shard_url(root: str, split: str, name: str) -> str:
+    if root.startswith("pipe:"):
+        return root.format(f"{split}/{name}")
+    return join(root, split, name)
+
+
+def load_split(root: str, split: str, samples_per_shard: int | None = None) -> Split:
+    """Read `ROOT/split/metadata.json`; without one, count `samples_per_shard` per listed shard."""
+    meta_url = _shard_url(root, split, METADATA)
+    meta = _read_metadata(meta_url)
+    domain = None
+    if meta is not None:
+        names, counts = _parse_shards(meta, meta_url)
+        domain = meta.get("domain")
+        if domain is not None and domain not in DOMAINS:
+            raise DatasetError(f"{meta_url}: unknown domain {domain!r} (expected one of {', '.join(DOMAINS)})")
+    else:
+        if is_url(root):
+            raise DatasetError(f"{meta_url}: not found (a URL root needs metadata.json to list its shards)")
+        names = _list_local_shards(os.path.join(root, split))
+        if not samples_per_shard:
+            raise DatasetError(f"{meta_url}: not found; pass --samples-per-shard to count shards without it")
+        log.warning("%s: not found; assuming %d samples in each of %d shards", meta_url, samples_per_shard,
+                    len(names))
+        counts = [samples_per_shard] * len(names)
+    if not names:
+        raise DatasetError(f"{_shard_url(root, split, '')}: no shards")
+    if not is_url(root):
+        missing = [n for n in names if not os.path.isfile(os.path.join(root, split, n))]
+        if missing:
+            raise DatasetError(f"{os.path.join(root, split, missing[0])}: listed in {METADATA} but missing"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    urls = tuple(_shard_url(root, split, n) for n in names)
+    return Split(name=split, urls=urls, counts=tuple(counts), domain=domain)
