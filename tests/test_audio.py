@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from wdx.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, encode_audio, resample, to_mono
 from tests.conftest import speechlike
+from wdx.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, encode_audio, resample, to_mono
 
 
 @pytest.mark.parametrize("ext,rate,channels", [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1),

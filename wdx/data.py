@@ -30,8 +30,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
 from .domains import DOMAINS
-from .shards import DatasetError, Split, open_url
 from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
+from .shards import DatasetError, Split, open_url
 from .text import normalize_text
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,15 @@ def read_slot(split: Split, segments: list, length: int, first: int, skips: Skip
                     yielded += 1
                     yield index, sample
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {exc}")
+                skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
         if yielded == 0 and n_pass > first // length:
             raise DatasetError(f"{split.name}: a slot's shards yielded no samples at all "
                                f"({', '.join(_shard_name(split.urls[s.shard]) for s in segments)})")
+
+
+def _first_arg(exc: Exception) -> str:
+    # webdataset appends the stream and URL to exception args; the first arg is the message
+    return str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
 
 
 def _segment_offsets(segments: list) -> Iterator[tuple[int, object]]:
@@ -120,7 +125,19 @@ def _segment_offsets(segments: list) -> Iterator[tuple[int, object]]:
         offset += seg.stop - seg.start
 
 
-def block_shuffle(src: Iterable[tuple[int, dict]], block: int, seed: str,
+def block_of(index: int, length: int, block: int) -> int:
+    """The shuffle block of stream index `index`; blocks never straddle two passes."""
+    per_pass = math.ceil(length / block)
+    return (index // length) * per_pass + (index % length) // block
+
+
+def block_start(b: int, length: int, block: int) -> int:
+    """The first stream index of block `b` (inverse of `block_of`)."""
+    per_pass = math.ceil(length / block)
+    return (b // per_pass) * length + (b % per_pass) * block
+
+
+def block_shuffle(src: Iterable[tuple[int, dict]], length: int, block: int, seed: str,
                   start: Position) -> Iterator[tuple[tuple[int, int], dict]]:
     """Shuffle within consecutive blocks of `block` stream indices.
 
@@ -132,18 +149,18 @@ def block_shuffle(src: Iterable[tuple[int, dict]], block: int, seed: str,
     def flush(b: int, items: list) -> Iterator[tuple[tuple[int, int], dict]]:
         if block > 1:
             random.Random(f"{seed}-{b}").shuffle(items)
-        for j, (_, sample) in enumerate(items):
+        for j, sample in enumerate(items):
             if (b, j) >= (start.block, start.offset):
                 yield (b, j), sample
 
     current, items = start.block, []
     for index, sample in src:
-        b = index // block
+        b = block_of(index, length, block)
         if b != current and items:
             yield from flush(current, items)
             items = []
         current = b
-        items.append((index, sample))
+        items.append(sample)
     if items:
         yield from flush(current, items)
 
@@ -205,8 +222,9 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     wave = to_mono(frames)
     if not np.isfinite(wave).all():
         return "nonfinite_audio: NaN or inf samples"
-    return dict(audio=wave if target_sr is None else resample(wave, rate, target_sr), text=text, domain=domain, duration=duration,
-                format=ext, sample_rate=rate, channels=frames.shape[0])
+    audio = wave if target_sr is None else resample(wave, rate, target_sr)
+    return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
+                channels=frames.shape[0])
 
 
 def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:
@@ -271,7 +289,7 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         self.shuffle_block = shuffle_block if train else 1
         self.collate = collate
         self._epoch = mp.Value("q", 0, lock=False)
-        self._start = mp.Array("q", [0] * (3 * self.workers), lock=False)
+        self._start = mp.Array("q", [0] * (3 * self.workers + 1), lock=False)
         n_slots = world_size * self.workers
         if train and split.total < n_slots:
             raise DatasetError(f"{split.name}: {split.total} samples cannot feed {n_slots} "
@@ -293,15 +311,21 @@ class ShardedSamples(torch.utils.data.IterableDataset):
                     for w in range(self.workers)))
 
     def set_epoch(self, epoch: int, starts: list[Position] | None = None) -> None:
-        """Call before iterating; `starts` (one per worker) resumes mid-epoch."""
+        """Call before iterating; `starts` (one per worker, from the batches' "resume") resumes mid-epoch.
+
+        A DataLoader always asks worker 0 first, but the next batch due may be worker 2's:
+        loader worker i then plays slot worker (i + rotation) % workers, which keeps the
+        round-robin order of the uninterrupted run.
+        """
         self._epoch.value = epoch
-        for w in range(self.workers):
-            p = starts[w] if starts else Position()
+        starts = starts or [Position()] * self.workers
+        for w, p in enumerate(starts):
             self._start[3 * w: 3 * w + 3] = [p.batches, p.block, p.offset]
+        self._start[3 * self.workers] = sum(p.batches for p in starts) % self.workers
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = ((info.id if info is not None else 0) + self._start[3 * self.workers]) % self.workers
         slot = self.rank * self.workers + worker
         epoch = self._epoch.value
         start = Position(*self._start[3 * worker: 3 * worker + 3])
@@ -311,10 +335,11 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         length = end - begin
         sizes = batch_sizes(length, self.batch_size)[start.batches:] if self.train else None
         skips = Skips()
+        length = max(length, 1)  # an eval slot may be empty
         pipeline = wds.DataPipeline(
-            lambda: read_slot(self.split, segments, max(length, 1), start.block * self.shuffle_block,
+            lambda: read_slot(self.split, segments, length, block_start(start.block, length, self.shuffle_block),
                               skips, repeat=self.train),
-            lambda src: block_shuffle(src, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
+            lambda src: block_shuffle(src, length, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
             lambda src: decode(src, target_sr=self.target_sr, split_domain=self.split.domain,
                                default_domain=self.default_domain, skips=skips,
                                give_up_after=length + self.shuffle_block if self.train else None),

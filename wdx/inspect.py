@@ -14,11 +14,11 @@ import logging
 import sys
 import tarfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .data import Skips, _shard_name, decode_sample, iter_shard
+from .data import Skips, _first_arg, _shard_name, decode_sample, iter_shard
 from .shards import DatasetError, Split, load_split
 
 DEFAULT_SPLITS = ("train", "val_small")
@@ -53,7 +53,7 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
                     bar.update()
                     _add(report, skips, raw, split, default_domain)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                skips.skip("corrupt_shard", _shard_name(url), "-", str(exc))
+                skips.skip("corrupt_shard", _shard_name(url), "-", _first_arg(exc))
             report.counted_samples += counted
             if counted != expected:
                 report.count_mismatches.append((_shard_name(url), expected, counted))
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in reports], f, indent=1, default=str)
+            json.dump([vars(r) for r in reports], f, indent=1)
     return 0
 
 

@@ -47,20 +47,18 @@ def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: in
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
-    writer, count, size = None, 0, 0
+    writer, size = None, 0
     for sample in samples:
-        if writer is None or count >= max_count or size >= max_bytes:
+        if writer is None or shards[-1]["samples"] >= max_count or size >= max_bytes:
             if writer is not None:
                 writer.close()
-                shards.append({"filename": name, "samples": count})
-            name = f"shard_{len(shards):06d}.tar"
-            writer, count, size = wds.TarWriter(str(split_dir / name)), 0, 0
+            shards.append({"filename": f"shard_{len(shards):06d}.tar", "samples": 0})
+            writer, size = wds.TarWriter(str(split_dir / shards[-1]["filename"])), 0
         writer.write(sample)
-        count += 1
+        shards[-1]["samples"] += 1
         size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
     if writer is not None:
         writer.close()
-        shards.append({"filename": name, "samples": count})
     meta = {"total_samples": sum(s["samples"] for s in shards), "shards": shards}
     if domain is not None:
         meta["domain"] = domain
