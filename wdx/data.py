@@ -4,9 +4,10 @@ Stages, in order (each a plain generator, testable alone):
     read_slot      raw tar samples of this slot's range, skipping before any decoding
     block_shuffle  seeded shuffle in fixed blocks, so a position can be resumed exactly
     decode         bytes -> mono float32 at the target rate, text, domain
+    tokenize       label ids (optional), dropping transcripts the decoder cannot hold
     batch          fixed batch sizes (train) or everything once (eval)
 
-Only `read_slot` and `decode` may drop samples, and only through `Skips`, which counts
+Only `read_slot`, `decode` and `tokenize` may drop samples, and only through `Skips`, which counts
 them by reason; each batch carries the counts since the previous batch so the main process
 can report them for the whole run, workers and ranks included.
 """
@@ -41,15 +42,28 @@ SKIP_LOG_LIMIT = 20  # per reason and process: the first few are logged with sha
 
 
 class Skips:
-    """The one place samples are dropped: counted by reason, the first few logged."""
+    """The one place samples are dropped: counted by reason, the first few logged.
 
-    def __init__(self) -> None:
+    `give_up_after` skips in a row end the stream with an error: a training slot reads its
+    range in a loop, and a range with no usable sample would otherwise spin forever.
+    """
+
+    def __init__(self, give_up_after: int | None = None) -> None:
         self.counts: Counter[str] = Counter()
+        self.give_up_after, self.in_a_row = give_up_after, 0
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         self.counts[reason] += 1
+        self.in_a_row += 1
         if self.counts[reason] <= SKIP_LOG_LIMIT:
             log.warning("skipped %s/%s: %s%s", shard, key, reason, f" ({detail})" if detail else "")
+        if self.give_up_after is not None and self.in_a_row > self.give_up_after:
+            raise DatasetError(f"{shard}/{key}: {self.in_a_row} samples in a row unusable "
+                               f"(last: {reason}); see the skip log above")
+
+    def passed(self) -> None:
+        """A sample made it through every skipping stage."""
+        self.in_a_row = 0
 
     def take(self) -> dict[str, int]:
         """Counts since the last call (attached to each batch)."""
@@ -166,13 +180,8 @@ def block_shuffle(src: Iterable[tuple[int, dict]], length: int, block: int, seed
 
 
 def decode(src: Iterable[tuple[tuple[int, int], dict]], *, target_sr: int, split_domain: str | None,
-           default_domain: str | None, skips: Skips, give_up_after: int | None = None) -> Iterator[dict]:
-    """Raw member bytes -> {audio, text, domain, key, shard, duration, pos}; bad samples skipped.
-
-    `give_up_after` consecutive skips end the stream with an error: a training slot reads
-    its range in a loop, and a range with no usable sample would otherwise spin forever.
-    """
-    in_a_row = 0
+           default_domain: str | None, skips: Skips) -> Iterator[dict]:
+    """Raw member bytes -> {audio, text, domain, key, shard, duration, pos}; bad samples skipped."""
     for pos, raw in src:
         shard, key = _shard_name(raw.get("__url__", "?")), raw["__key__"]
         result = decode_sample(raw, target_sr=target_sr, split_domain=split_domain,
@@ -180,12 +189,7 @@ def decode(src: Iterable[tuple[tuple[int, int], dict]], *, target_sr: int, split
         if isinstance(result, str):
             reason, _, detail = result.partition(":")
             skips.skip(reason, shard, key, detail.strip())
-            in_a_row += 1
-            if give_up_after is not None and in_a_row > give_up_after:
-                raise DatasetError(f"{shard}/{key}: {in_a_row} samples in a row unusable "
-                                   f"(last: {reason}); see the skip log above")
             continue
-        in_a_row = 0
         result.update(key=key, shard=shard, pos=pos)
         yield result
 
@@ -261,8 +265,8 @@ def batched(src: Iterable[dict], sizes: list[int] | None, batch_size: int, colla
         yield batch
 
 
-def default_collate(samples: list[dict]) -> dict:
-    """Audio zero-padded to the longest in the batch, plus the per-sample fields as lists.
+def pad_audio(samples: list[dict]) -> torch.Tensor:
+    """[batch, longest] zero-padded audio.
 
     Padding to the full 30 s happens in `features.log_mel`, on the training device, so
     the workers and the host-to-device copy move only the real audio.
@@ -270,7 +274,27 @@ def default_collate(samples: list[dict]) -> dict:
     audio = torch.zeros(len(samples), max(len(s["audio"]) for s in samples))
     for i, s in enumerate(samples):
         audio[i, : len(s["audio"])] = torch.from_numpy(s["audio"])
-    return dict(audio=audio, **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})
+    return audio
+
+
+def default_collate(samples: list[dict]) -> dict:
+    """Padded audio plus the per-sample fields as lists (the trainer uses collate.Collator)."""
+    return dict(audio=pad_audio(samples), **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})
+
+
+def tokenize(src: Iterable[dict], encode_text: Callable[[str], list[int] | str] | None,
+             skips: Skips) -> Iterator[dict]:
+    """Add label ids; a transcript the decoder cannot hold is skipped (`encode_text` says why)."""
+    for sample in src:
+        if encode_text is not None:
+            ids = encode_text(sample["text"])
+            if isinstance(ids, str):
+                reason, _, detail = ids.partition(":")
+                skips.skip(reason, sample["shard"], sample["key"], detail.strip())
+                continue
+            sample["ids"] = ids
+        skips.passed()
+        yield sample
 
 
 class ShardedSamples(torch.utils.data.IterableDataset):
@@ -281,13 +305,14 @@ class ShardedSamples(torch.utils.data.IterableDataset):
 
     def __init__(self, split: Split, *, rank: int, world_size: int, num_workers: int, batch_size: int,
                  train: bool, seed: int, target_sr: int, default_domain: str | None,
-                 shuffle_block: int, collate: Callable = default_collate) -> None:
+                 shuffle_block: int, collate: Callable = default_collate,
+                 encode_text: Callable[[str], list[int] | str] | None = None) -> None:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.workers = max(1, num_workers)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.target_sr, self.default_domain = target_sr, default_domain
         self.shuffle_block = shuffle_block if train else 1
-        self.collate = collate
+        self.collate, self.encode_text = collate, encode_text
         self._epoch = mp.Value("q", 0, lock=False)
         self._start = mp.Array("q", [0] * (3 * self.workers + 1), lock=False)
         n_slots = world_size * self.workers
@@ -334,15 +359,15 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         segments = slot_segments(self.split.counts, order, begin, end)
         length = end - begin
         sizes = batch_sizes(length, self.batch_size)[start.batches:] if self.train else None
-        skips = Skips()
+        skips = Skips(give_up_after=length + self.shuffle_block if self.train else None)
         length = max(length, 1)  # an eval slot may be empty
         pipeline = wds.DataPipeline(
             lambda: read_slot(self.split, segments, length, block_start(start.block, length, self.shuffle_block),
                               skips, repeat=self.train),
             lambda src: block_shuffle(src, length, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
             lambda src: decode(src, target_sr=self.target_sr, split_domain=self.split.domain,
-                               default_domain=self.default_domain, skips=skips,
-                               give_up_after=length + self.shuffle_block if self.train else None),
+                               default_domain=self.default_domain, skips=skips),
+            lambda src: tokenize(src, self.encode_text, skips),
             lambda src: batched(src, sizes, self.batch_size, self.collate, skips, done=start.batches),
         )
         for batch in pipeline:

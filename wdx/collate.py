@@ -1,0 +1,77 @@
+"""Decoder prompt, labels and batches.
+
+One example's decoder sequence (DESIGN.md):
+    <|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>  text...  <|endoftext|>
+decoder_input_ids = sequence[:-1], labels = sequence[1:], with the positions that predict
+prompt tokens and all padding set to -100. Exactly one <|startoftranscript|>: the common
+`labels[:, 0] == tokenizer.bos_token_id` check never matches for Whisper (bos is
+<|endoftext|>), which is how the usual scripts end up feeding it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .data import pad_audio
+from .domains import domain_token
+from .model import PROMPT_TOKENS
+
+IGNORE = -100
+
+
+def prompt_ids(tokenizer, language: str, domain: str) -> list[int]:
+    """The five prompt ids: the same at training, evaluation and inference."""
+    tokens = [t.format(language=language) for t in PROMPT_TOKENS] + [domain_token(domain)]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if tokenizer.unk_token_id in ids and tokenizer.unk_token not in tokens:
+        raise ValueError(f"tokenizer lacks one of {tokens}")
+    return ids
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def max_text_tokens(max_target_positions: int) -> int:
+    """Text tokens that fit the decoder: the inputs are the 5 prompt ids + the text
+    (<|endoftext|> is a label only, never an input)."""
+    return max_target_positions - (len(PROMPT_TOKENS) + 1)
+
+
+def make_text_encoder(tokenizer, max_target_positions: int) -> Callable[[str], list[int] | str]:
+    """For the data layer: text -> ids, or a skip reason when the decoder cannot hold it."""
+    limit = max_text_tokens(max_target_positions)
+
+    def encode(text: str) -> list[int] | str:
+        ids = text_ids(tokenizer, text)
+        return ids if len(ids) <= limit else f"transcript_too_long: {len(ids)} tokens > {limit}"
+
+    return encode
+
+
+class Collator:
+    """Samples -> {audio, decoder_input_ids, labels, domain, text, key, ...}."""
+
+    def __init__(self, tokenizer, language: str) -> None:
+        self.prompts = {d: prompt_ids(tokenizer, language, d) for d in ("normal", "dyslexic")}
+        self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.tokenizer = tokenizer
+
+    def sequences(self, samples: list[dict]) -> list[list[int]]:
+        return [self.prompts[s["domain"]] + (s.get("ids") or text_ids(self.tokenizer, s["text"])) + [self.eot]
+                for s in samples]
+
+    def __call__(self, samples: list[dict]) -> dict:
+        seqs = self.sequences(samples)
+        width = max(len(s) for s in seqs) - 1
+        inputs = torch.full((len(seqs), width), self.eot, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        n_prompt = len(PROMPT_TOKENS) + 1
+        for i, seq in enumerate(seqs):
+            inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+            labels[i, n_prompt - 1: len(seq) - 1] = torch.tensor(seq[n_prompt:])
+        return dict(audio=pad_audio(samples), decoder_input_ids=inputs, labels=labels,
+                    prompt_ids=torch.tensor([self.prompts[s["domain"]] for s in samples]),
+                    **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})

@@ -1,0 +1,187 @@
+"""The one source of every training setting: a dataclass the CLI is generated from.
+
+Each field's `help` is its --help line; its default is the only default. Flag names are
+the field names in kebab-case. `validate` rejects bad values and combinations at start-up,
+naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .domains import DOMAINS
+
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A flag value or combination that cannot work; the message starts with the flag."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    dataset_root: str = opt(None, "dataset root: ROOT/train and ROOT/val_small with shards + metadata.json "
+                                  "(a directory, or a URL WebDataset can open)", required=True, group="data")
+    target_sr: int = opt(16000, "sample rate audio is resampled to (Whisper expects 16000)", group="data")
+    samples_per_shard: int | None = opt(None, "samples per shard to assume where metadata.json is missing",
+                                        group="data")
+    default_domain: str | None = opt(None, "domain for samples whose sample and split name none",
+                                     choices=DOMAINS, group="data")
+    train_split: str = opt("train", "training split directory under --dataset-root", group="data")
+    eval_split: str = opt("val_small", "evaluation split directory under --dataset-root", group="data")
+    shuffle_block: int = opt(256, "training samples shuffled together (raw bytes held per loader worker)",
+                             group="data")
+    num_workers: int = opt(2, "data loader worker processes per training process", group="data")
+    persistent_workers: bool = opt(False, "keep loader workers alive between epochs", group="data")
+    max_eval_samples: int | None = opt(None, "evaluate on at most this many samples (default: all)", group="data")
+    # --- model
+    base_model: str = opt("openai/whisper-large-v3", "hub id or local directory of a Whisper checkpoint",
+                          group="model")
+    language: str = opt("ko", "language token of the decoder prompt", group="model")
+    train_encoder_layers: int = opt(4, "train the last N encoder blocks (whole blocks)", group="model")
+    train_decoder_layers: int = opt(4, "train attention + MLP of the last N decoder blocks", group="model")
+    dropout: float = opt(0.0, "dropout probability (set before the model is built)", group="model")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="model")
+    # --- optimisation
+    learning_rate: float = opt(1e-4, "peak learning rate (AdamW)", group="optimisation")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to the embedding)", group="optimisation")
+    max_grad_norm: float = opt(1.0, "clip gradients to this global norm (0: no clipping)", group="optimisation")
+    num_train_epochs: int = opt(3, "epochs to train (ignored when --max-steps is set)", group="optimisation")
+    max_steps: int | None = opt(None, "optimizer steps to train (overrides --num-train-epochs)",
+                                group="optimisation")
+    per_device_train_batch_size: int = opt(8, "training batch per process", group="optimisation")
+    per_device_eval_batch_size: int = opt(8, "evaluation batch per process", group="optimisation")
+    grad_accum: int = opt(1, "micro-batches per optimizer step", group="optimisation")
+    warmup_steps: int = opt(100, "linear warm-up steps before the schedule", group="optimisation")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS,
+                                 group="optimisation")
+    mixed_precision: str = opt("no", "autocast precision (Accelerate)", choices=PRECISIONS, group="optimisation")
+    bf16: bool = opt(False, "shortcut for --mixed-precision bf16", group="optimisation")
+    fp16: bool = opt(False, "shortcut for --mixed-precision fp16", group="optimisation")
+    max_nonfinite: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient",
+                             group="optimisation")
+    seed: int = opt(42, "seed for model init, shuffling and dropout", group="optimisation")
+    # --- evaluation, logging, checkpoints
+    eval_steps: int = opt(500, "evaluate every N optimizer steps (and at the end)", group="evaluation")
+    generation_max_length: int = opt(225, "most new tokens generated per sample at evaluation", group="evaluation")
+    num_examples: int = opt(4, "example transcripts logged per evaluation", group="evaluation")
+    logging_steps: int = opt(10, "log train metrics every N optimizer steps", group="evaluation")
+    save_steps: int = opt(500, "save a checkpoint every N optimizer steps", group="checkpoints")
+    save_total_limit: int = opt(3, "keep the newest N checkpoints (plus the best by eval CER)", group="checkpoints")
+    run_name: str = opt(None, "name of this run: outputs go to OUTPUT_DIR/RUN_NAME", required=True,
+                        group="checkpoints")
+    output_dir: str = opt("outputs", "parent directory of run directories", group="checkpoints")
+    overwrite: bool = opt(False, "reuse a run directory that holds another run", group="checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from",
+                                             group="checkpoints")
+    export: str | None = opt(None, "write final/ from this checkpoint directory and exit", group="checkpoints")
+    # --- tracking and the Hub (credentials come from the environment / login stores only)
+    login_wandb: bool = opt(False, "log metrics to Weights & Biases (WANDB_API_KEY or `wandb login`)",
+                            group="tracking")
+    wandb_project: str = opt("whisper-ko-domains", "W&B project", group="tracking")
+    login_hf: bool = opt(False, "check Hugging Face credentials at start-up (HF_TOKEN or `hf auth login`)",
+                         group="tracking")
+    push_to_hub: bool = opt(False, "upload final/ to the Hub at the end", group="tracking")
+    hub_model_id: str | None = opt(None, "Hub repo for --push-to-hub (default: RUN_NAME)", group="tracking")
+    hub_private: bool = opt(True, "create the Hub repo private", group="tracking")
+    # --- tools
+    print_config: bool = opt(False, "print the resolved plan (params, batches, steps, paths) and exit",
+                             group="tools")
+    debug_step: int = opt(0, "run K steps on one fixed batch, print a per-phase timing table, exit",
+                          group="tools")
+    detect_anomaly: bool = opt(False, "torch.autograd anomaly detection (slow)", group="tools")
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.output_dir.rstrip('/')}/{self.run_name}"
+
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else self.mixed_precision
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject what cannot work, naming the flag; returns cfg."""
+    positive = ("target_sr", "per_device_train_batch_size", "per_device_eval_batch_size", "grad_accum",
+                "num_train_epochs", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
+                "shuffle_block", "generation_max_length", "max_nonfinite")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("max_steps", "samples_per_shard", "max_eval_samples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"--{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("num_workers", "warmup_steps", "train_encoder_layers", "train_decoder_layers", "num_examples"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{flag(name)}: must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("--bf16/--fp16: choose one")
+    if (cfg.bf16 or cfg.fp16) and cfg.mixed_precision not in ("no", cfg.precision()):
+        raise ConfigError(f"--mixed-precision {cfg.mixed_precision} contradicts --{cfg.precision()}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--dropout: must be in [0, 1) (got {cfg.dropout})")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"--learning-rate: must be > 0 (got {cfg.learning_rate})")
+    if cfg.save_steps % cfg.eval_steps:
+        raise ConfigError(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps}: "
+                          "the best checkpoint is chosen by the eval CER at save time")
+    if cfg.push_to_hub and cfg.hub_model_id is None:
+        cfg.hub_model_id = cfg.run_name
+    if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
+        raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain directory name")
+    return cfg
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _arg_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_loop.py", description="Fine-tune Whisper on WebDataset shards, conditioned on a speaker "
+        "domain token. Launch with `accelerate launch [--config_file accelerate_configs/...] train_loop.py ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        group = groups.setdefault(meta.get("group", "other"), parser.add_argument_group(meta.get("group")))
+        tp = _arg_type(hints[f.name])
+        kwargs = dict(help=meta["help"], default=f.default)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=tp, choices=meta.get("choices"),
+                          metavar=None if meta.get("choices") else {int: "N", float: "X"}.get(tp, "STR"))
+        if meta.get("required"):
+            kwargs.update(required=True, default=argparse.SUPPRESS)
+        group.add_argument(f"--{flag(f.name)}", **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """CLI -> validated TrainConfig; bad values exit with the flag named (argparse style)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return validate(TrainConfig(**vars(args)))
+    except ConfigError as exc:
+        parser.error(str(exc))

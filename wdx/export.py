@@ -1,0 +1,60 @@
+"""final/: a standard Hugging Face Whisper directory, plus a model card; and the Hub upload."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .domains import DOMAIN_TOKENS
+from .metrics import format_table
+
+log = logging.getLogger(__name__)
+
+
+def write_final(accelerator, model, tokenizer, feature_extractor, out: str | Path, config_json: str,
+                eval_results: dict | None) -> Path:
+    """Gather full weights (ZeRO-3 included) and save a loadable model directory; all processes call this."""
+    out = Path(out)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers 16-bit weights under ZeRO-3
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        feature_extractor.save_pretrained(out)
+        (out / "train_config.json").write_text(config_json)
+        (out / "README.md").write_text(model_card(json.loads(config_json), eval_results))
+    accelerator.wait_for_everyone()
+    return out
+
+
+def model_card(cfg: dict, eval_results: dict | None) -> str:
+    """A short card: what the model is, how it was trained, how to prompt it, how it scored."""
+    settings = {k: cfg[k] for k in ("base_model", "language", "learning_rate", "per_device_train_batch_size",
+                                    "grad_accum", "num_train_epochs", "max_steps", "warmup_steps",
+                                    "lr_scheduler_type", "train_encoder_layers", "train_decoder_layers",
+                                    "mixed_precision", "seed") if k in cfg}
+    table = format_table(eval_results) if eval_results else "(no evaluation was run)"
+    return "\n".join([
+        "---", "language: ko", "tags: [whisper, automatic-speech-recognition, dyslexia]", "---", "",
+        f"# {cfg.get('run_name', 'whisper')}", "",
+        f"Whisper fine-tuned from `{cfg.get('base_model')}` on Korean speech of typical and dyslexic readers. "
+        "The decoder is conditioned on the speaker domain: the prompt is",
+        "", "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>`", "",
+        f"with X in {', '.join(DOMAIN_TOKENS)}. Transcribe with `python -m wdx.transcribe` from the training "
+        "repository, or pass that prompt as `decoder_input_ids` to `GenerationMixin.generate`.", "",
+        "## Evaluation (CER without punctuation and spaces; WER on words)", "", "```", table, "```", "",
+        "## Training settings", "", "```json", json.dumps(settings, indent=1), "```", "",
+    ])
+
+
+def push(folder: str | Path, repo_id: str, private: bool) -> str:
+    """Upload `folder` to the Hub; credentials come from HF_TOKEN or the login store."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                      commit_message="Upload fine-tuned Whisper (wdx)")
+    return str(url)

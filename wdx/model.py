@@ -1,0 +1,166 @@
+"""Model set-up: load Whisper, add the domain tokens, choose what trains.
+
+Three pitfalls of the usual scripts are avoided here, each with a test (DESIGN.md):
+- a tokenizer that lists fewer ids than the model's vocab (timestamps missing) would give
+  the domain tokens ids the model already uses, and `resize_token_embeddings(len(tok))`
+  would shrink the matrix: the tokenizer is first filled up to the model's vocab;
+- tokens added after the freeze would make the whole embedding (and the tied output
+  projection) trainable: the freeze comes last and a gradient mask lets only the new rows
+  move (the embedding's optimizer group has no weight decay, so other rows stay
+  bit-identical);
+- dropout is read by the modules at construction, so it is set in the config before the
+  model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from .domains import DOMAIN_TOKENS
+
+log = logging.getLogger(__name__)
+
+PROMPT_TOKENS = ("<|startoftranscript|>", "<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
+
+
+class ModelLoadError(RuntimeError):
+    """--base-model cannot be loaded (one line, names the flag)."""
+
+
+@dataclass
+class Whisper:
+    """Everything the loop needs about the model, built once."""
+
+    model: WhisperForConditionalGeneration
+    tokenizer: object
+    feature_extractor: WhisperFeatureExtractor
+    domain_token_ids: dict[str, int]
+    new_token_rows: list[int]
+
+
+def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditionalGeneration, object,
+                                                                WhisperFeatureExtractor]:
+    """Load model, tokenizer and feature extractor from a hub id or a local directory."""
+    try:
+        config = WhisperConfig.from_pretrained(base_model)
+        config.dropout = dropout  # must be set before the modules are built
+        model = WhisperForConditionalGeneration.from_pretrained(base_model, config=config)
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(base_model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--base-model {base_model}: cannot load a Whisper model ({first})") from None
+    return model, tokenizer, feature_extractor
+
+
+def fill_tokenizer_to_vocab(tokenizer, vocab_size: int) -> int:
+    """Add the ids the model has but the tokenizer does not list; returns how many.
+
+    Whisper checkpoints whose tokenizer.json stops at <|notimestamps|> are missing exactly
+    the timestamp tokens <|0.00|> ... <|30.00|>; anything else gets neutral names.
+    """
+    missing = vocab_size - len(tokenizer)
+    if missing <= 0:
+        return 0
+    last = tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
+    names = ([f"<|{0.02 * i:.2f}|>" for i in range(missing)] if last == "<|notimestamps|>"
+             else [f"<|unused:{len(tokenizer) + i}|>" for i in range(missing)])
+    tokenizer.add_tokens(names, special_tokens=False)
+    return missing
+
+
+def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer) -> tuple[dict[str, int], list[int]]:
+    """Give each domain token an id >= the model's vocab size and an embedding row.
+
+    New rows start at the mean of the existing rows: a neutral token the decoder already
+    knows how to read, instead of a random vector of the wrong scale.
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    filled = fill_tokenizer_to_vocab(tokenizer, vocab)
+    if filled:
+        log.info("tokenizer listed %d ids fewer than the model's vocab (%d); filled them in", filled, vocab)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(DOMAIN_TOKENS)},
+                                 replace_extra_special_tokens=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in DOMAIN_TOKENS}
+    new_rows = sorted(i for i in ids.values() if i >= vocab)
+    if len(tokenizer) > vocab:
+        with torch.no_grad():
+            mean = model.get_input_embeddings().weight.mean(dim=0)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model.get_input_embeddings().weight[new_rows] = mean
+    assert min(ids.values()) >= vocab or not new_rows, ids
+    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    return ids, new_rows
+
+
+def freeze_except(model: WhisperForConditionalGeneration, encoder_layers: int, decoder_layers: int,
+                  new_rows: list[int]) -> dict[str, list[torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze the chosen parts; returns the trainable params by group.
+
+    Trains: the last `encoder_layers` encoder blocks (whole blocks); attention (self and
+    cross) and MLP of the last `decoder_layers` decoder blocks; the embedding rows of the
+    new tokens only (the rest of the embedding and its tied output projection stay put).
+    """
+    model.requires_grad_(False)
+    encoder, decoder = model.model.encoder, model.model.decoder
+    groups: dict[str, list[torch.nn.Parameter]] = {"encoder_blocks": [], "decoder_attention": [], "decoder_mlp": [],
+                                                   "domain_token_rows": []}
+    for block in list(encoder.layers)[len(encoder.layers) - encoder_layers:] if encoder_layers else []:
+        groups["encoder_blocks"] += list(block.parameters())
+    for block in list(decoder.layers)[len(decoder.layers) - decoder_layers:] if decoder_layers else []:
+        groups["decoder_attention"] += [*block.self_attn.parameters(), *block.encoder_attn.parameters()]
+        groups["decoder_mlp"] += [*block.fc1.parameters(), *block.fc2.parameters()]
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(True)
+    if new_rows:
+        weight = model.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        mask[new_rows] = 1
+        # The tied output projection shares this Parameter, so one hook covers both uses.
+        weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+        groups["domain_token_rows"].append(weight)
+    return groups
+
+
+def count_trainable(groups: dict[str, list[torch.nn.Parameter]], new_rows: list[int]) -> dict[str, int]:
+    """Parameters that can change, by group (the embedding counts its new rows only)."""
+    counts = {name: sum(p.numel() for p in params) for name, params in groups.items() if name != "domain_token_rows"}
+    rows = groups.get("domain_token_rows", [])
+    counts["domain_token_rows"] = len(new_rows) * rows[0].shape[1] if rows else 0
+    return counts
+
+
+def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, language: str,
+                          max_new_tokens: int) -> None:
+    """Transcribe in `language`, no timestamps: what exported models do in a pipeline too."""
+    gc = model.generation_config
+    gc.language, gc.task, gc.return_timestamps = language, "transcribe", False
+    gc.decoder_start_token_id = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    gc.eos_token_id = gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    gc.max_new_tokens = max_new_tokens
+    gc.forced_decoder_ids = None  # the prompt is passed explicitly (collate.prompt_ids)
+    if not getattr(gc, "lang_to_id", None):
+        gc.lang_to_id = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens
+                         if len(t) <= 8 and t.startswith("<|") and t[2:-2].isalpha() and t[2:-2].islower()}
+    if not getattr(gc, "task_to_id", None):
+        gc.task_to_id = {t: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for t in ("transcribe", "translate")}
+    if getattr(gc, "no_timestamps_token_id", None) is None:
+        gc.no_timestamps_token_id = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    if getattr(gc, "is_multilingual", None) is None:
+        gc.is_multilingual = True
+
+
+def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers: int, dropout: float = 0.0,
+          max_new_tokens: int = 225) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
+    """Load, add domain tokens, then freeze (in that order: see the module docstring)."""
+    model, tokenizer, feature_extractor = load_base(base_model, dropout)
+    ids, new_rows = add_domain_tokens(model, tokenizer)
+    set_generation_config(model, tokenizer, language, max_new_tokens)
+    groups = freeze_except(model, encoder_layers, decoder_layers, new_rows)
+    return Whisper(model, tokenizer, feature_extractor, ids, new_rows), groups
