@@ -105,7 +105,8 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         f"  domain tokens      {whisper.domain_token_ids}",
         f"  processes          {world} x {max(1, cfg.num_workers)} loader workers, device {accelerator.device}, "
         f"precision {cfg.precision()}",
-        f"  effective batch    {batch} per process x {world} processes x {accum} accumulation = {batch * world * accum}",
+        f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
+        f" = {batch * world * accum}",
         f"  train samples      {train.split.total} ({train.samples_per_slot() * train.slots} per epoch)",
         f"  steps              {steps_per_epoch} per epoch, {total_steps} in total",
         f"  checkpoints        {checkpoint.checkpoints_dir(cfg.run_dir)} (every {cfg.save_steps} steps, "

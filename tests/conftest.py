@@ -46,3 +46,30 @@ def make_split(tmp_path):
         return str(root)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random Whisper + Whisper-style tokenizer (timestamps missing, like real ones)."""
+    from wdx.tiny import build
+
+    return str(build(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+TEXTS = ["안녕하세요 오늘은 날씨가 맑고 따뜻합니다", "학교에 가는 길에 친구를 만났어요",
+         "책을 천천히 소리 내어 읽어 보세요", "저는 사과와 배를 좋아해요"]
+FORMATS = [("wav", 16000), ("flac", 44100), ("mp3", 22050), ("ogg", 8000), ("m4a", 48000)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    """ROOT with train (24 samples, 5 shards, every format) and val_small (6 samples), both domains."""
+    root = tmp_path_factory.mktemp("ds") / "data"
+    train = [make_sample(f"tr{i:03d}", seed=i, seconds=1.0 + i % 3, text=TEXTS[i % 4],
+                         domain=("normal", "dyslexic")[i % 2], ext=FORMATS[i % 5][0], rate=FORMATS[i % 5][1])
+             for i in range(24)]
+    val = [make_sample(f"va{i:03d}", seed=100 + i, seconds=1.5, text=TEXTS[i % 4], domain=("normal", "dyslexic")[i % 2])
+           for i in range(6)]
+    write_split(root / "train", train, max_count=5)
+    write_split(root / "val_small", val, max_count=4)
+    return str(root)
