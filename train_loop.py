@@ -34,8 +34,9 @@ from wdx import checkpoint
 from wdx.collate import Collator, make_text_encoder
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
+from wdx.debug import debug_step
 from wdx.evaluation import batch_loss, evaluate, examples
-from wdx.export import push, write_final
+from wdx.export import check_hub_credentials, push, write_final
 from wdx.features import log_mel
 from wdx.metrics import format_table
 from wdx.model import ModelLoadError, Whisper, count_trainable, setup
@@ -159,6 +160,8 @@ def train(cfg: TrainConfig) -> int:
     setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
     check_run_dir(cfg)
+    if (cfg.login_hf or cfg.push_to_hub) and accelerator.is_main_process:
+        log.info("Hugging Face account: %s", check_hub_credentials(verify=cfg.login_hf))
     if accelerator.is_main_process and cfg.overwrite and not cfg.resume_from_checkpoint:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -204,8 +207,15 @@ def train(cfg: TrainConfig) -> int:
         return 0
     if cfg.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
+    if cfg.debug_step:
+        report = debug_step(accelerator, model, optimizer, train_loader, groups, cfg.debug_step,
+                            whisper.model.config.num_mel_bins, cfg.learning_rate)
+        if accelerator.is_main_process:
+            print(report, flush=True)
+        return 0
     if cfg.login_wandb:
-        accelerator.init_trackers(cfg.wandb_project, config=vars(cfg), init_kwargs={"wandb": {"name": cfg.run_name}})
+        accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
+                                  init_kwargs={"wandb": {"name": cfg.run_name, "dir": cfg.run_dir}})
 
     n_mels = whisper.model.config.num_mel_bins
     trainable = [p for ps in groups.values() for p in ps]
@@ -216,6 +226,7 @@ def train(cfg: TrainConfig) -> int:
     skips = Counter(state.skips if accelerator.is_main_process else {})
     loss_sum, micro_since_log, samples_since_log = torch.zeros((), device=accelerator.device), 0, 0
     last_eval: dict | None = None
+    lr = scheduler.get_last_lr()[0]
     t_log = time.perf_counter()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
@@ -253,6 +264,7 @@ def train(cfg: TrainConfig) -> int:
                                     "loss" if nonfinite_loss else "gradient", state.nonfinite_in_a_row)
                     else:
                         state.nonfinite_in_a_row = 0
+                        lr = scheduler.get_last_lr()[0]  # the rate this update uses
                         optimizer.step()
                         if not accelerator.optimizer_step_was_skipped:
                             scheduler.step()
@@ -275,7 +287,7 @@ def train(cfg: TrainConfig) -> int:
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 mean_loss = accelerator.reduce(loss_sum / max(micro_since_log, 1), reduction="mean").item()
                 elapsed = time.perf_counter() - t_log
-                record = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                record = {"train/loss": mean_loss, "train/lr": lr,
                           "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "train/samples_per_s": samples_since_log * accelerator.num_processes / elapsed,
                           "train/epoch": state.epoch + state.micro_in_epoch / usable}

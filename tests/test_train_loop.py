@@ -153,3 +153,43 @@ def test_bad_flags_fail_at_start_naming_the_flag(tiny_dataset, tiny_model, tmp_p
     assert "--save-steps 3 must be a multiple of --eval-steps 2" in capsys.readouterr().err
     assert train_loop.main(args(tiny_dataset, str(tmp_path / "no-model"), tmp_path, "r")) == 2
     assert "--base-model" in capsys.readouterr().err
+
+
+def test_export_from_a_checkpoint_writes_final(finished_run, tiny_dataset, tiny_model, tmp_path):
+    ckpt = finished_run / "checkpoints" / "step-0000004"
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "x", "--export", str(ckpt))) == 0
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "x" / "final" / "model.safetensors")
+    saved = load_file(ckpt / "model.safetensors")
+    key = "model.decoder.layers.3.fc1.weight"
+    assert torch.equal(exported[key], saved[key])
+
+
+def test_a_run_dir_holding_another_run_is_refused(finished_run, tiny_dataset, tiny_model, capsys):
+    assert train_loop.main(args(tiny_dataset, tiny_model, finished_run.parent, "r")) == 2
+    assert "already holds a run; pass --resume-from-checkpoint latest" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_without_credentials(tiny_dataset, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "w", "--login-wandb", "--max-steps", "2")) == 0
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_push_without_a_token_fails_before_training(tiny_dataset, tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "p", "--push-to-hub")) == 2
+    assert "no Hugging Face token; set HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "metrics.jsonl").exists()
+
+
+def test_debug_step_reports_phases_and_a_falling_loss(tiny_dataset, tiny_model, tmp_path, capsys):
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "d", "--debug-step", "4")) == 0
+    out = capsys.readouterr().out
+    for phase in ("features", "forward", "backward", "optimizer", "domain_token_rows", "peak memory"):
+        assert phase in out
+    assert "loss falls               yes" in out

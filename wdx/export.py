@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from .config import ConfigError
 from .domains import DOMAIN_TOKENS
 from .metrics import format_table
 
@@ -47,6 +48,24 @@ def model_card(cfg: dict, eval_results: dict | None) -> str:
         "## Evaluation (CER without punctuation and spaces; WER on words)", "", "```", table, "```", "",
         "## Training settings", "", "```json", json.dumps(settings, indent=1), "```", "",
     ])
+
+
+def check_hub_credentials(verify: bool) -> str:
+    """Fail at start-up, not after training, when the Hub upload cannot work.
+
+    The token comes from HF_TOKEN or the login store only; it is never logged or saved.
+    """
+    from huggingface_hub import get_token, whoami
+
+    if get_token() is None:
+        raise ConfigError("--push-to-hub/--login-hf: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+    if not verify:
+        return "token present"
+    try:
+        return whoami()["name"]
+    except Exception as exc:  # network, auth: any failure means the push would fail too
+        raise ConfigError(f"--login-hf: the Hub did not accept the token ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def push(folder: str | Path, repo_id: str, private: bool) -> str:
