@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -26,11 +25,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from wdx import checkpoint
+from wdx.accel import agree, build_accelerator, whole_model_init, zero_stage
 from wdx.collate import Collator, make_text_encoder
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
@@ -47,25 +47,6 @@ log = logging.getLogger("train_loop")
 
 
 # ----------------------------------------------------------------------------- builders
-
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerate owns devices, processes, precision and DeepSpeed."""
-    # Several processes without GPUs: Accelerate needs the backend named, or under DeepSpeed it
-    # silently runs each process alone (DESIGN.md).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    try:
-        accelerator = Accelerator(mixed_precision=cfg.precision(), gradient_accumulation_steps=cfg.grad_accum,
-                                  log_with="wandb" if cfg.login_wandb else None, project_dir=cfg.run_dir,
-                                  step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
-    except ValueError as exc:
-        raise ConfigError(f"--mixed-precision {cfg.precision()}: {str(exc).splitlines()[0]}") from None
-    if accelerator.state.deepspeed_plugin is not None:
-        # A WebDataset loader is never passed to prepare(), so DeepSpeed cannot read the batch size from it.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            cfg.per_device_train_batch_size
-    return accelerator
-
 
 def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper):
     """Train and eval loaders; each rank and worker reads its own samples (never prepare()d)."""
@@ -169,9 +150,10 @@ def train(cfg: TrainConfig) -> int:
     config_json = cfg.to_json()
     log.info("config:\n%s", config_json)
 
-    whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
-                            decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
-                            max_new_tokens=cfg.generation_max_length)
+    with whole_model_init(accelerator):
+        whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
+                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
+                                max_new_tokens=cfg.generation_max_length)
     if cfg.gradient_checkpointing:
         whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)
@@ -253,8 +235,9 @@ def train(cfg: TrainConfig) -> int:
                 micro_since_log += 1
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                    grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm).float()
                     # fp16's grad scaler skips inf gradients itself (expected while it calibrates)
-                    check_grad = grad_norm is not None and cfg.precision() != "fp16"
+                    check_grad = cfg.precision() != "fp16" and zero_stage(accelerator) == 0
                     nonfinite_loss, nonfinite_grad, stopping = agree(
                         accelerator, ~torch.isfinite(loss.detach()), check_grad and ~torch.isfinite(grad_norm),
                         stop.received is not None)
@@ -288,7 +271,7 @@ def train(cfg: TrainConfig) -> int:
                 mean_loss = accelerator.reduce(loss_sum / max(micro_since_log, 1), reduction="mean").item()
                 elapsed = time.perf_counter() - t_log
                 record = {"train/loss": mean_loss, "train/lr": lr,
-                          "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "train/grad_norm": grad_norm.item(),
                           "train/samples_per_s": samples_since_log * accelerator.num_processes / elapsed,
                           "train/epoch": state.epoch + state.micro_in_epoch / usable}
                 metrics.write(state.step, record)
@@ -328,8 +311,15 @@ def train(cfg: TrainConfig) -> int:
 
 def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper: Whisper, metrics: MetricsLog,
              step: int) -> dict:
+    max_batches = None
+    if cfg.max_eval_samples:
+        max_batches = math.ceil(cfg.max_eval_samples / (cfg.per_device_eval_batch_size * accelerator.num_processes))
+    pad_to = None
+    if zero_stage(accelerator) == 3:  # every process must run as many forwards as the busiest one
+        mine = min(len(loader.dataset), max_batches or len(loader.dataset))
+        pad_to = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
     out = evaluate(accelerator, model, loader, whisper.tokenizer, n_mels=whisper.model.config.num_mel_bins,
-                   max_new_tokens=cfg.generation_max_length, max_samples=cfg.max_eval_samples)
+                   max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to)
     out["step"] = step
     metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"])})
     log.info("eval at step %d: loss %.4f\n%s", step, out["loss"], format_table(out["results"]))
@@ -338,13 +328,6 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
     if out["skips"]:
         log.info("eval samples skipped: %s", out["skips"])
     return out
-
-
-def agree(accelerator: Accelerator, *conditions) -> list[bool]:
-    """Each condition OR-ed over all processes, in one collective: the loop's one host sync
-    per optimizer step (NaN/inf guard and stop signal must be decided by every rank alike)."""
-    flags = torch.stack([torch.as_tensor(c, device=accelerator.device).float().reshape(()) for c in conditions])
-    return [v > 0 for v in accelerator.reduce(flags, reduction="sum").tolist()]
 
 
 def sum_over_ranks(accelerator: Accelerator, counts: Counter) -> Counter:

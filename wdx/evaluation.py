@@ -42,8 +42,13 @@ def batch_loss(model, features: torch.Tensor, batch: dict) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_tokens: int,
-             max_samples: int | None = None, synced_gpus: bool = False) -> dict:
-    """{"loss", "results" (by_domain), "rows" (ref/hyp/domain/key), "skips"} over the whole split."""
+             max_batches: int | None = None, pad_to: int | None = None) -> dict:
+    """{"loss", "results" (by_domain), "rows" (ref/hyp/domain/key), "skips"} over the split.
+
+    `pad_to` (ZeRO-3): every process must join every forward, since each one gathers
+    parameters from all; a process with fewer batches runs dummy ones (results dropped)
+    up to `pad_to`, and generation runs with synced_gpus.
+    """
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
@@ -51,24 +56,23 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
     rows, skips = [], {}
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
-    seen = 0
-    limit = None if max_samples is None else -(-max_samples // accelerator.num_processes)
+    done, last = 0, None
     for batch in loader:
-        if limit is not None and seen >= limit:
+        if max_batches is not None and done >= max_batches:
             break
         for reason, n in batch["skips"].items():
             skips[reason] = skips.get(reason, 0) + n
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with accelerator.autocast():
-            features = log_mel(batch["audio"], n_mels).to(unwrapped.dtype)
-            loss, n = batch_loss(unwrapped, features, batch)  # the bare module: no DDP collectives
-            new = generate(unwrapped, features, batch["prompt_ids"], max_new_tokens, synced_gpus)
+        last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss, n, hyps = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
         loss_sum += loss.float() * n
         tokens += n
-        hyps = tokenizer.batch_decode(new, skip_special_tokens=True)
-        rows += [dict(key=k, domain=d, ref=r, hyp=h.strip()) for k, d, r, h in
+        rows += [dict(key=k, domain=d, ref=r, hyp=h) for k, d, r, h in
                  zip(batch["key"], batch["domain"], batch["text"], hyps)]
-        seen += len(hyps)
+        done += 1
+    while pad_to is not None and done < pad_to:
+        _eval_batch(accelerator, unwrapped, last or _dummy_batch(tokenizer, device), tokenizer, n_mels,
+                    max_new_tokens, pad_to)
+        done += 1
     totals = accelerator.reduce(torch.stack([loss_sum, tokens]), reduction="sum")
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     all_skips: dict[str, int] = {}
@@ -78,6 +82,23 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
     model.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {"loss": loss, "results": by_domain(rows), "rows": rows, "skips": all_skips}
+
+
+def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
+                pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    with accelerator.autocast():
+        features = log_mel(batch["audio"], n_mels).to(model.dtype)
+        loss, n = batch_loss(model, features, batch)  # the bare module: no DDP collectives
+        new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced_gpus=pad_to is not None)
+    return loss, n, [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _dummy_batch(tokenizer, device: torch.device) -> dict:
+    """One second of silence with a bare prompt: only for keeping ZeRO-3 processes in step."""
+    sot = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    ids = torch.tensor([[sot, sot]], device=device)
+    return dict(audio=torch.zeros(1, 16000, device=device), decoder_input_ids=ids, prompt_ids=ids,
+                labels=torch.full_like(ids, -100))
 
 
 def examples(rows: list[dict], n: int) -> list[dict]:

@@ -1,0 +1,91 @@
+"""The Accelerator, and every DeepSpeed / multi-process quirk, handled in this one place.
+
+- Several processes without GPUs: the process group backend must be named (gloo), or
+  under DeepSpeed each process silently runs alone (DESIGN.md).
+- The WebDataset loader is never passed to `prepare()`, so DeepSpeed cannot read the
+  micro-batch size from it: it is set from --per-device-train-batch-size.
+- "auto" in a DeepSpeed JSON is filled from the CLI (batch, accumulation, clipping);
+  an explicit value that disagrees with the CLI is an error naming both, where Accelerate
+  would silently prefer one.
+- Under DeepSpeed, `accelerator.backward` also runs the optimizer step (the engine owns
+  gradient accumulation and clipping); `clip_grad_norm_` then reports DeepSpeed's norm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from .config import ConfigError, TrainConfig
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.precision(), gradient_accumulation_steps=cfg.grad_accum,
+                                  log_with="wandb" if cfg.login_wandb else None, project_dir=cfg.run_dir,
+                                  step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    except ValueError as exc:
+        raise ConfigError(f"--mixed-precision {cfg.precision()}: {str(exc).splitlines()[0]}") from None
+    if accelerator.state.deepspeed_plugin is not None:
+        reconcile_deepspeed(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
+    return accelerator
+
+
+def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
+    """Fill "auto" from the CLI; refuse explicit values that contradict it."""
+    wanted = {"train_micro_batch_size_per_gpu": ("--per-device-train-batch-size", cfg.per_device_train_batch_size),
+              "gradient_accumulation_steps": ("--grad-accum", cfg.grad_accum),
+              "gradient_clipping": ("--max-grad-norm", cfg.max_grad_norm)}
+    for key, (flag, value) in wanted.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"{flag} {value} disagrees with \"{key}\": {ds[key]} in the DeepSpeed config; "
+                              "set it to \"auto\" there or change the flag")
+    for name in ("bf16", "fp16"):
+        enabled = ds.get(name, {}).get("enabled", "auto")
+        if enabled not in ("auto", cfg.precision() == name):
+            raise ConfigError(f"--mixed-precision {cfg.precision()} disagrees with \"{name}.enabled\": {enabled} "
+                              "in the DeepSpeed config")
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return 0 if plugin is None else int(plugin.zero_stage)
+
+
+def agree(accelerator: Accelerator, *conditions) -> list[bool]:
+    """Each condition OR-ed over all processes, in one collective: the loop's one host sync
+    per optimizer step (NaN/inf guard and stop signal must be decided by every rank alike)."""
+    flags = torch.stack([torch.as_tensor(c, device=accelerator.device).float().reshape(()) for c in conditions])
+    return [v > 0 for v in accelerator.reduce(flags, reduction="sum").tolist()]
+
+
+@contextmanager
+def whole_model_init(accelerator: Accelerator) -> Iterator[None]:
+    """Load and resize the model whole; ZeRO-3 partitions it later, in `prepare()`.
+
+    Accelerate registers its DeepSpeed config with transformers whenever a DeepSpeed
+    plugin exists, so under ZeRO-3 `from_pretrained` builds inside `deepspeed.zero.Init`.
+    Whisper's weight init fails there in transformers 5.23 (it sizes its sinusoids from an
+    already partitioned, empty tensor). The price: each process holds the full fp32 model
+    in host RAM while loading (about 6 GB for large-v3).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
