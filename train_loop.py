@@ -86,7 +86,8 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         *(f"    {name:<19}{n:,}" for name, n in counts.items()),
         f"  domain tokens      {whisper.domain_token_ids}",
         f"  processes          {world} x {max(1, cfg.num_workers)} loader workers, device {accelerator.device}, "
-        f"precision {cfg.precision()}",
+        f"precision {cfg.precision()}, distributed type {accelerator.distributed_type.value}"
+        + (f", ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else ""),
         f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
         f" = {batch * world * accum}",
         f"  train samples      {train.split.total} ({train.samples_per_slot() * train.slots} per epoch)",

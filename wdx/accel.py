@@ -1,7 +1,7 @@
 """The Accelerator, and every DeepSpeed / multi-process quirk, handled in this one place.
 
-- Several processes without GPUs: the process group backend must be named (gloo), or
-  under DeepSpeed each process silently runs alone (DESIGN.md).
+- Several processes without GPUs: the gloo backend (and, for plain DDP, `cpu=True`) must
+  be given, or each process silently trains alone (DESIGN.md; see build_accelerator).
 - The WebDataset loader is never passed to `prepare()`, so DeepSpeed cannot read the
   micro-batch size from it: it is set from --per-device-train-batch-size.
 - "auto" in a DeepSpeed JSON is filled from the CLI (batch, accumulation, clipping);
@@ -25,10 +25,16 @@ from .config import ConfigError, TrainConfig
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    # Several processes, no GPU: plain DDP needs cpu=True, or Accelerate reports
+    # DistributedType.NO and neither wraps the model nor reduces anything (each process
+    # trains alone); but cpu=True also drops the DeepSpeed plugin, so DeepSpeed gets only
+    # the gloo backend (measured with accelerate 1.15).
+    cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else []
     try:
-        accelerator = Accelerator(mixed_precision=cfg.precision(), gradient_accumulation_steps=cfg.grad_accum,
+        accelerator = Accelerator(cpu=cpu_distributed and not deepspeed, mixed_precision=cfg.precision(),
+                                  gradient_accumulation_steps=cfg.grad_accum,
                                   log_with="wandb" if cfg.login_wandb else None, project_dir=cfg.run_dir,
                                   step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     except ValueError as exc:

@@ -94,6 +94,7 @@ def save(accelerator, run_dir: str | Path, step: int, config_json: str) -> Path:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's files (RNG states, ZeRO shards) are in tmp
     if accelerator.is_main_process:
         (tmp / "train_config.json").write_text(config_json)
         _before_rename_hook()
