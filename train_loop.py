@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -40,6 +41,7 @@ from wdx.export import check_hub_credentials, push, write_final
 from wdx.features import log_mel
 from wdx.metrics import format_table
 from wdx.model import ModelLoadError, Whisper, count_trainable, setup
+from wdx.plan import plan_table
 from wdx.shards import DatasetError, load_split
 from wdx.tracking import MetricsLog, flatten_eval, setup_logging
 
@@ -357,6 +359,10 @@ def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoin
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
+        if cfg.plan:  # before any Accelerator: no device, no weights
+            print(plan_table(cfg.base_model, cfg.train_encoder_layers, cfg.train_decoder_layers,
+                             cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
+            return 0
         return train(cfg)
     except (ConfigError, DatasetError, ModelLoadError) as exc:
         print(f"train_loop.py: error: {exc}", file=sys.stderr)

@@ -31,8 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # --- data
-    dataset_root: str = opt(None, "dataset root: ROOT/train and ROOT/val_small with shards + metadata.json "
-                                  "(a directory, or a URL WebDataset can open)", required=True, group="data")
+    dataset_root: str | None = opt(None, "dataset root: ROOT/train and ROOT/val_small with shards + metadata.json "
+                                  "(a directory, or a URL WebDataset can open)", group="data")
     target_sr: int = opt(16000, "sample rate audio is resampled to (Whisper expects 16000)", group="data")
     samples_per_shard: int | None = opt(None, "samples per shard to assume where metadata.json is missing",
                                         group="data")
@@ -79,8 +79,7 @@ class TrainConfig:
     logging_steps: int = opt(10, "log train metrics every N optimizer steps", group="evaluation")
     save_steps: int = opt(500, "save a checkpoint every N optimizer steps", group="checkpoints")
     save_total_limit: int = opt(3, "keep the newest N checkpoints (plus the best by eval CER)", group="checkpoints")
-    run_name: str = opt(None, "name of this run: outputs go to OUTPUT_DIR/RUN_NAME", required=True,
-                        group="checkpoints")
+    run_name: str | None = opt(None, "name of this run: outputs go to OUTPUT_DIR/RUN_NAME", group="checkpoints")
     output_dir: str = opt("outputs", "parent directory of run directories", group="checkpoints")
     overwrite: bool = opt(False, "reuse a run directory that holds another run", group="checkpoints")
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from",
@@ -96,6 +95,8 @@ class TrainConfig:
     hub_model_id: str | None = opt(None, "Hub repo for --push-to-hub (default: RUN_NAME)", group="tracking")
     hub_private: bool = opt(True, "create the Hub repo private", group="tracking")
     # --- tools
+    plan: bool = opt(False, "print the per-GPU memory plan for --base-model under DDP / ZeRO-2 / ZeRO-3 / offload "
+                            "(config only, meta device) and exit", group="tools")
     print_config: bool = opt(False, "print the resolved plan (params, batches, steps, paths) and exit",
                              group="tools")
     debug_step: int = opt(0, "run K steps on one fixed batch, print a per-phase timing table, exit",
@@ -103,7 +104,7 @@ class TrainConfig:
     detect_anomaly: bool = opt(False, "torch.autograd anomaly detection (slow)", group="tools")
 
     @property
-    def run_dir(self) -> str:
+    def run_dir(self) -> str:  # only meaningful once validate() has required --run-name
         return f"{self.output_dir.rstrip('/')}/{self.run_name}"
 
     def precision(self) -> str:
@@ -115,6 +116,12 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Reject what cannot work, naming the flag; returns cfg."""
+    if not cfg.plan:
+        for name in ("dataset_root", "run_name"):
+            if getattr(cfg, name) is None:
+                raise ConfigError(f"--{flag(name)} is required")
+        if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
+            raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain directory name")
     positive = ("target_sr", "per_device_train_batch_size", "per_device_eval_batch_size", "grad_accum",
                 "num_train_epochs", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
                 "shuffle_block", "generation_max_length", "max_nonfinite")
@@ -140,8 +147,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "the best checkpoint is chosen by the eval CER at save time")
     if cfg.push_to_hub and cfg.hub_model_id is None:
         cfg.hub_model_id = cfg.run_name
-    if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
-        raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain directory name")
     return cfg
 
 
@@ -171,8 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs.update(type=tp, choices=meta.get("choices"),
                           metavar=None if meta.get("choices") else {int: "N", float: "X"}.get(tp, "STR"))
-        if meta.get("required"):
-            kwargs.update(required=True, default=argparse.SUPPRESS)
         group.add_argument(f"--{flag(f.name)}", **kwargs)
     return parser
 
