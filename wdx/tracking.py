@@ -10,11 +10,19 @@ import sys
 from pathlib import Path
 
 
+def quiet_libraries() -> None:
+    """transformers' advisory warnings (generation length notices, ...) off; errors stay."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+
+
 def setup_logging(is_main: bool) -> None:
     """INFO on the main process, warnings only elsewhere; libraries kept quiet."""
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("accelerate", "transformers", "deepspeed", "DeepSpeed", "httpx", "urllib3"):
+    for noisy in ("accelerate", "deepspeed", "DeepSpeed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if is_main else logging.ERROR)
     # Whisper ties proj_out to the embedding; Accelerate warns on every save that it stored one copy.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
