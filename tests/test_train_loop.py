@@ -193,3 +193,16 @@ def test_debug_step_reports_phases_and_a_falling_loss(tiny_dataset, tiny_model, 
     for phase in ("features", "forward", "backward", "optimizer", "domain_token_rows", "peak memory"):
         assert phase in out
     assert "loss falls               yes" in out
+
+
+def test_the_evaluation_tool_reproduces_the_run_s_last_eval(finished_run, tmp_path):
+    from wdx import evaluate as evaluate_tool
+
+    out = tmp_path / "e.json"
+    data = json.loads((finished_run / "final" / "train_config.json").read_text())["dataset_root"]
+    assert evaluate_tool.main([str(finished_run / "final"), "--dataset", data, "--max-new-tokens", "8",
+                               "--json", str(out)]) == 0
+    tool = json.loads(out.read_text())["results"]
+    run = evals(finished_run)[6]
+    for domain in ("normal", "dyslexic", "all"):
+        assert tool[domain]["cer"] == pytest.approx(run[f"eval/{domain}/cer"], abs=1e-9), domain

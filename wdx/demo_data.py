@@ -36,7 +36,7 @@ VOICES = ["ko", "ko+m1", "ko+m3", "ko+f1", "ko+f2", "ko+f4"]
 FORMATS = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("ogg", 24000, 1), ("m4a", 48000, 1)]
 
 # Letters readers confuse by shape or sound: initial consonant and vowel swaps (jamo indices).
-_INITIAL_SWAPS = {7: 16, 16: 7, 3: 15, 15: 3, 12: 14, 14: 12, 0: 15, 9: 12}  # ㅂ-ㅍ ㄷ-ㅌ ㅈ-ㅊ ㄱ-ㅋ ㅅ-ㅈ
+_INITIAL_SWAPS = {7: 17, 17: 7, 3: 16, 16: 3, 12: 14, 14: 12, 0: 15, 15: 0, 9: 12}  # ㅂ-ㅍ ㄷ-ㅌ ㅈ-ㅊ ㄱ-ㅋ ㅅ-ㅈ
 _VOWEL_SWAPS = {0: 4, 4: 0, 8: 13, 13: 8, 2: 6, 6: 2}  # ㅏ-ㅓ ㅗ-ㅜ ㅑ-ㅕ
 
 

@@ -25,11 +25,17 @@ def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_token
     """Greedy decoding from `prompts`; returns only the new tokens.
 
     GenerationMixin.generate is called directly: Whisper's own `generate` rebuilds the
-    prompt from its generation config and would drop the domain token.
+    prompt from its generation config and would drop the domain token. A fresh config
+    keeps only the token ids and suppression lists, so no stored length setting competes
+    with `max_new_tokens`.
     """
+    stored = model.generation_config
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
+        pad_token_id=stored.pad_token_id, decoder_start_token_id=stored.decoder_start_token_id,
+        suppress_tokens=stored.suppress_tokens, begin_suppress_tokens=stored.begin_suppress_tokens)
     out = transformers.GenerationMixin.generate(
-        model, input_features=features, decoder_input_ids=prompts, max_length=prompts.shape[1] + max_new_tokens,
-        do_sample=False, num_beams=1, synced_gpus=synced_gpus,
+        model, input_features=features, decoder_input_ids=prompts, generation_config=config, synced_gpus=synced_gpus,
         attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device))
     return out[:, prompts.shape[1]:]
 

@@ -1,0 +1,84 @@
+"""wdx.evaluate and wdx.transcribe on a tiny model with domain tokens."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import speechlike
+from wdx import evaluate, transcribe
+from wdx.audio import encode_audio
+
+
+@pytest.fixture(scope="module")
+def tiny_final(tiny_model, tmp_path_factory):
+    from wdx.model import setup
+
+    out = tmp_path_factory.mktemp("final")
+    w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
+    w.model.save_pretrained(out)
+    w.tokenizer.save_pretrained(out)
+    w.feature_extractor.save_pretrained(out)
+    return str(out)
+
+
+def clips(tmp_path, n=3):
+    paths = []
+    for i, (ext, rate) in enumerate([("wav", 44100), ("m4a", 48000), ("mp3", 22050)][:n]):
+        path = tmp_path / f"clip{i}.{ext}"
+        path.write_bytes(encode_audio(speechlike(1.0, rate, seed=i), rate, ext))
+        paths.append(path)
+    return paths
+
+
+def test_dataset_evaluation_reports_every_sample_and_both_domains(tiny_final, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert evaluate.main([tiny_final, "--dataset", tiny_dataset, "--max-new-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(s["key"] for s in report["samples"]) == [f"va{i:03d}" for i in range(6)]
+    assert report["results"]["normal"]["n"] == 3 and report["results"]["dyslexic"]["n"] == 3
+    assert report["domain_prompt"] is True
+    assert "dyslexic" in capsys.readouterr().out
+
+
+def test_list_and_dir_inputs_and_compare_domains(tiny_final, tmp_path):
+    paths = clips(tmp_path)
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps({"audio_path": p.name, "text": "안녕", "domain": d}) + "\n"
+                               for p, d in zip(paths, ["normal", "dyslexic", "normal"])))
+    out = tmp_path / "r.json"
+    argv = [tiny_final, "--list", str(listing), "--max-new-tokens", "3", "--compare-domains", "--json", str(out)]
+    assert evaluate.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["compare_domains"]["normal"]["n"] == 2 and report["compare_domains"]["dyslexic"]["n"] == 1
+    assert set(report["samples"][0]["hyp_by_prompt"]) == {"normal", "dyslexic"}
+    for p in paths:
+        p.with_suffix(".txt").write_text("안녕")
+    assert evaluate.main([tiny_final, "--dir", str(tmp_path), "--domain", "dyslexic", "--max-new-tokens", "3",
+                          "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["dyslexic"]["n"] == 3
+
+
+def test_bad_inputs_fail_in_one_line(tiny_final, tmp_path):
+    listing = tmp_path / "list.jsonl"
+    listing.write_text(json.dumps({"audio_path": "missing.wav", "text": "x", "domain": "normal"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "wdx.evaluate", tiny_final, "--list", str(listing)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(f"wdx.evaluate: error: {tmp_path}/missing.wav:")
+    listing.write_text(json.dumps({"audio_path": "a.wav", "text": "x", "domain": "kids"}) + "\n")
+    assert evaluate.main([tiny_final, "--list", str(listing)]) == 1
+    assert evaluate.main([tiny_final, "--dir", str(tmp_path)]) == 1  # --dir needs --domain
+
+
+def test_transcribe_one_file_and_compare_domains(tiny_final, tmp_path, capsys):
+    (path,) = clips(tmp_path, 1)
+    assert transcribe.main([tiny_final, str(path), "--domain", "dyslexic", "--max-new-tokens", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{path}\t[dyslexic] ")
+    out = tmp_path / "t.json"
+    assert transcribe.main([tiny_final, str(path), "--compare-domains", "--max-new-tokens", "3",
+                            "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())[0]) == {"audio", "hyp_normal", "hyp_dyslexic"}
+    assert transcribe.main([tiny_final, str(tmp_path / "nope.wav")]) == 1

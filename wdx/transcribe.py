@@ -1,0 +1,55 @@
+"""Transcribe audio files with a trained model and a domain prompt.
+
+    python -m wdx.transcribe MODEL AUDIO [AUDIO ...] --domain dyslexic [--compare-domains] [--json OUT]
+
+Prints one line per file (its hypothesis); --compare-domains decodes each file with every
+domain token. No references needed (for scored evaluation use wdx.evaluate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .domains import DOMAINS
+from .evaluate import InputError, read_clip
+from .inference import Transcriber
+from .tracking import quiet_libraries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.transcribe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="final/ directory, HF Whisper directory, or training checkpoint")
+    parser.add_argument("audio", nargs="+", type=Path, help="wav/flac/mp3/ogg/m4a files, any rate, up to 30 s")
+    parser.add_argument("--domain", choices=DOMAINS, default="normal", help="domain token of the prompt")
+    parser.add_argument("--compare-domains", action="store_true", help="decode with every domain token")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=225)
+    parser.add_argument("--language", default="ko")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
+        domains = DOMAINS if args.compare_domains else (args.domain,)
+        results = []
+        for i in range(0, len(args.audio), args.batch_size):
+            paths = args.audio[i: i + args.batch_size]
+            clips = [read_clip(p) for p in paths]
+            by_domain = {d: transcriber(clips, [d] * len(clips)) for d in domains}
+            for j, path in enumerate(paths):
+                results.append({"audio": str(path), **{f"hyp_{d}": by_domain[d][j] for d in domains}})
+                print(f"{path}\t" + "\t".join(f"[{d}] {by_domain[d][j]}" for d in domains), flush=True)
+    except (InputError, ValueError, OSError) as exc:
+        print(f"wdx.transcribe: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps(results, ensure_ascii=False, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
