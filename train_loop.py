@@ -13,6 +13,7 @@ Everything reusable lives in `wdx/`; this file is the algorithm, top to bottom.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -171,12 +172,14 @@ def train(cfg: TrainConfig) -> int:
     if cfg.print_config:
         return 0
 
+    fingerprint = checkpoint.fingerprint(whisper.model, whisper.tokenizer, cfg.base_model)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
     state = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers)
-    accelerator.register_for_checkpointing(state)
     resume = resolve_resume(cfg)
     if resume is not None:
+        checkpoint.check_fingerprint(resume, fingerprint)
         accelerator.load_state(str(resume))
+        state = checkpoint.TrainState.load(resume)
         log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
                  state.micro_in_epoch)
         if (state.world_size, state.num_workers) != (accelerator.num_processes, cfg.num_workers):
@@ -186,6 +189,7 @@ def train(cfg: TrainConfig) -> int:
             state.positions, state.micro_in_epoch = [], 0
             state.world_size, state.num_workers = accelerator.num_processes, cfg.num_workers
     if cfg.export:
+        checkpoint.check_fingerprint(cfg.export, fingerprint)
         accelerator.load_state(cfg.export)
         write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
                     config_json, None)
@@ -206,6 +210,8 @@ def train(cfg: TrainConfig) -> int:
     trainable = [p for ps in groups.values() for p in ps]
     metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl")
     stop = StopSignal()
+    keys_log = (open(Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl", "a", buffering=1)
+                if cfg.log_sample_keys else None)
     usable = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a remainder < grad_accum is dropped
     positions = [Position()] * max(1, cfg.num_workers)
     skips = Counter(state.skips if accelerator.is_main_process else {})
@@ -224,6 +230,8 @@ def train(cfg: TrainConfig) -> int:
         for batch in itertools.islice(train_loader, usable - state.micro_in_epoch):
             positions[batch["worker"]] = batch["resume"]
             skips.update(batch["skips"])
+            if keys_log is not None:
+                keys_log.write(json.dumps({"epoch": state.epoch, "step": state.step + 1, "keys": batch["key"]}) + "\n")
             state.micro_in_epoch += 1
             samples_since_log += len(batch["key"])
             batch = {k: v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -264,8 +272,10 @@ def train(cfg: TrainConfig) -> int:
                                          "or gradient; lower --learning-rate, use --bf16 instead of --fp16, or "
                                          "check the data (see --max-nonfinite)")
             if state.micro_in_epoch >= usable:
-                epoch_skips = sum_over_ranks(accelerator, skips)
-                log.info("epoch %d done; samples skipped so far: %s", state.epoch, dict(epoch_skips) or "none")
+                run_skips = sum_over_ranks(accelerator, skips)
+                log.info("epoch %d done; samples skipped so far: %s", state.epoch, dict(run_skips) or "none")
+                metrics.write(state.step, {"data/epochs_done": state.epoch + 1,
+                                           **{f"data/skipped/{k}": v for k, v in run_skips.items()}})
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
                 positions = [Position()] * max(1, cfg.num_workers)
 
@@ -289,7 +299,9 @@ def train(cfg: TrainConfig) -> int:
 
             # ---- once in a while: checkpoint (and on a stop signal)
             if state.step % cfg.save_steps == 0 or state.step == total_steps or stopping:
-                save_checkpoint(cfg, accelerator, state, positions, skips, last_eval, config_json)
+                save_checkpoint(cfg, accelerator, state, positions, skips, last_eval,
+                                {checkpoint.CONFIG_FILE: config_json,
+                                 checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)})
             if stopping:
                 stop.received = stop.received or "a signal on another process"
                 break
@@ -341,7 +353,7 @@ def sum_over_ranks(accelerator: Accelerator, counts: Counter) -> Counter:
 
 
 def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoint.TrainState,
-                    positions: list[Position], skips: Counter, last_eval: dict | None, config_json: str) -> None:
+                    positions: list[Position], skips: Counter, last_eval: dict | None, files: dict[str, str]) -> None:
     """Record the data position and best CER in the state, write atomically, rotate."""
     mine = [list(astuple(p)) for p in positions]
     state.positions = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
@@ -350,7 +362,7 @@ def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoin
         cer = last_eval["results"]["all"]["cer"]
         if math.isfinite(cer) and (state.best_cer is None or cer < state.best_cer):
             state.best_cer, state.best_step = cer, state.step
-    path = checkpoint.save(accelerator, cfg.run_dir, state.step, config_json)
+    path = checkpoint.save(accelerator, cfg.run_dir, state.step, {**files, checkpoint.STATE_FILE: state.to_json()})
     if accelerator.is_main_process:
         removed = checkpoint.rotate(cfg.run_dir, cfg.save_total_limit, state.best_step)
         log.info("saved %s%s", path, f"; removed {', '.join(p.name for p in removed)}" if removed else "")
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                              cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         return train(cfg)
-    except (ConfigError, DatasetError, ModelLoadError) as exc:
+    except (ConfigError, DatasetError, ModelLoadError, checkpoint.CheckpointError) as exc:
         print(f"train_loop.py: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from tests.conftest import make_sample, speechlike
+from wdx.audio import encode_audio
 from wdx.data import Position, ShardedSamples, make_loader
 from wdx.shards import DatasetError, load_split
 
@@ -74,6 +75,8 @@ def test_broken_samples_are_skipped_and_counted_by_reason(make_split, tmp_path, 
         make_sample("long", seconds=40.0),
         make_sample("latin1", text="x") | {"txt": "한국".encode("euc-kr")},
         make_sample("blank", text="   "),
+        make_sample("silent", ext="wav") | {"wav": encode_audio(np.zeros(16000, np.float32), 16000, "wav")},
+        {"__key__": "opus", "opus": b"OggS...", "txt": "가".encode(), "json": b'{"domain": "normal"}'},
     ]
     root = make_split("val_small", good(3) + bad + good(2, "h"))
     # a second shard, truncated in the middle of its third sample
@@ -96,7 +99,7 @@ def test_broken_samples_are_skipped_and_counted_by_reason(make_split, tmp_path, 
     assert flat(keys) == ["g000", "g001", "g002", "h000", "h001", "t000"]
     assert skips == {"corrupt_audio": 1, "empty_audio": 1, "nonfinite_audio": 1, "no_transcript": 1,
                      "unknown_domain": 1, "no_domain": 1, "too_long": 1, "bad_transcript_encoding": 1,
-                     "empty_transcript": 1, "corrupt_shard": 1}
+                     "empty_transcript": 1, "corrupt_shard": 1, "silent_audio": 1, "unsupported_audio": 1}
     assert "shard_000000.tar/dom: unknown_domain ('dyslexia')" in caplog.text
     assert "shard_000001.tar" in caplog.text
 

@@ -55,6 +55,11 @@ def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
         elif ds[key] != value:
             raise ConfigError(f"{flag} {value} disagrees with \"{key}\": {ds[key]} in the DeepSpeed config; "
                               "set it to \"auto\" there or change the flag")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    total = cfg.per_device_train_batch_size * cfg.grad_accum * world
+    if ds.get("train_batch_size", "auto") not in ("auto", total):
+        raise ConfigError(f"\"train_batch_size\": {ds['train_batch_size']} in the DeepSpeed config disagrees with "
+                          f"--per-device-train-batch-size x --grad-accum x processes = {total}")
     for name in ("bf16", "fp16"):
         enabled = ds.get(name, {}).get("enabled", "auto")
         if enabled not in ("auto", cfg.precision() == name):

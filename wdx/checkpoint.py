@@ -1,6 +1,8 @@
 """Checkpoints: what is saved besides the model, where, and which ones are kept.
 
-Layout: RUN/checkpoints/step-0000120/ (accelerator.save_state + train_config.json). A
+Layout: RUN/checkpoints/step-0000120/: accelerator.save_state (model, optimizer, scheduler,
+scaler, RNG; all loaded back with torch's weights_only loading), train_state.json (step,
+data position, best CER), model_fingerprint.json and train_config.json. A
 checkpoint is written as RUN/checkpoints/.tmp-step-0000120 and renamed when every process
 has finished writing, so a `step-*` directory is always complete: a crash mid-save leaves
 only a `.tmp-*` that is never picked as latest and never pushes a good one out of rotation.
@@ -23,9 +25,17 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
+STATE_FILE, FINGERPRINT_FILE, CONFIG_FILE = "train_state.json", "model_fingerprint.json", "train_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run (one line, names the checkpoint)."""
+
+
 @dataclass
 class TrainState:
-    """Loop state that `save_state` carries next to model/optimizer/scheduler/RNG.
+    """Loop state saved as JSON next to accelerate's state (JSON, not pickle: nothing in a
+    checkpoint is unpickled on resume).
 
     `positions[rank][worker]` is where each loader worker's stream stands in `epoch`, so a
     resumed run skips (without decoding) exactly the samples already trained on.
@@ -42,12 +52,15 @@ class TrainState:
     skips: dict = field(default_factory=dict)  # skipped samples by reason, all ranks, whole run
     nonfinite_in_a_row: int = 0
 
-    def state_dict(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
 
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+    @classmethod
+    def load(cls, checkpoint: str | Path) -> TrainState:
+        path = Path(checkpoint) / STATE_FILE
+        if not path.exists():
+            raise CheckpointError(f"{checkpoint}: no {STATE_FILE}; not a checkpoint written by train_loop.py")
+        return cls(**json.loads(path.read_text()))
 
     def starts_for(self, rank: int) -> list[Position] | None:
         """This rank's per-worker resume positions, or None to start the epoch afresh."""
@@ -85,8 +98,9 @@ def step_of(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def save(accelerator, run_dir: str | Path, step: int, config_json: str) -> Path:
-    """Write the checkpoint for `step` atomically; every process must call this."""
+def save(accelerator, run_dir: str | Path, step: int, files: dict[str, str]) -> Path:
+    """Write the checkpoint for `step` atomically, with `files` (name -> text) beside
+    accelerate's state; every process must call this."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
     if accelerator.is_main_process:
@@ -96,7 +110,8 @@ def save(accelerator, run_dir: str | Path, step: int, config_json: str) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's files (RNG states, ZeRO shards) are in tmp
     if accelerator.is_main_process:
-        (tmp / "train_config.json").write_text(config_json)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         _before_rename_hook()
         if final.exists():  # re-saving a step after resume: replace the old copy only now
             shutil.rmtree(final)
@@ -126,6 +141,25 @@ def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:
     return removed
 
 
-def saved_config(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / "train_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def fingerprint(model, tokenizer, base_model: str) -> dict:
+    """What must match for a checkpoint to fit this run's model and tokenizer."""
+    c = model.config
+    return {"base_model": base_model, "vocab_size": model.get_input_embeddings().weight.shape[0],
+            "d_model": c.d_model, "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers,
+            "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(tokenizer)}
+
+
+def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
+    """Refuse a checkpoint written for another model or tokenizer (a moved base model is fine)."""
+    path = Path(checkpoint) / FINGERPRINT_FILE
+    if not path.exists():
+        raise CheckpointError(f"{checkpoint}: no {FINGERPRINT_FILE}; not a checkpoint written by train_loop.py")
+    saved = json.loads(path.read_text())
+    differ = [k for k in current if k != "base_model" and saved.get(k) != current[k]]
+    if differ:
+        details = ", ".join(f"{k} {saved.get(k)} vs {current[k]}" for k in differ)
+        raise CheckpointError(f"--resume-from-checkpoint {checkpoint}: written for another model or tokenizer "
+                              f"({saved.get('base_model')}; {details})")
+    if saved["base_model"] != current["base_model"]:
+        log.warning("%s was written with --base-model %s; resuming with %s (same architecture and tokenizer)",
+                    checkpoint, saved["base_model"], current["base_model"])

@@ -102,6 +102,8 @@ class TrainConfig:
     debug_step: int = opt(0, "run K steps on one fixed batch, print a per-phase timing table, exit",
                           group="tools")
     detect_anomaly: bool = opt(False, "torch.autograd anomaly detection (slow)", group="tools")
+    log_sample_keys: bool = opt(False, "append the keys of every trained batch to RUN/sample_keys.rankN.jsonl "
+                                       "(audits what was trained on, across resumes)", group="tools")
 
     @property
     def run_dir(self) -> str:  # only meaningful once validate() has required --run-name

@@ -38,6 +38,7 @@ from .text import normalize_text
 log = logging.getLogger(__name__)
 
 MAX_SECONDS = 30.0  # Whisper's encoder sees exactly 30 s; longer audio cannot be trained on
+SILENCE_PEAK = 1e-4  # -80 dBFS: a transcript paired with digital silence is a labelling error
 SKIP_LOG_LIMIT = 20  # per reason and process: the first few are logged with shard and key
 
 
@@ -202,7 +203,9 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     """
     ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
     if ext is None:
-        return "no_audio: members " + ",".join(k for k in raw if not k.startswith("__"))
+        members = [k for k in raw if not k.startswith("__") and k not in ("txt", "json", "domain")]
+        return (f"unsupported_audio: .{', .'.join(members)} (expected {', '.join(AUDIO_EXTENSIONS)})" if members
+                else "no_audio")
     if "txt" not in raw:
         return "no_transcript"
     try:
@@ -226,6 +229,8 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     wave = to_mono(frames)
     if not np.isfinite(wave).all():
         return "nonfinite_audio: NaN or inf samples"
+    if np.abs(wave).max() < SILENCE_PEAK:
+        return "silent_audio: peak below -80 dBFS"
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
                 channels=frames.shape[0])

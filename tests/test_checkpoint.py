@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from wdx import checkpoint
+from wdx.accel import reconcile_deepspeed
+from wdx.config import ConfigError, TrainConfig
+
+
+def make(run, *names):
+    for n in names:
+        (run / "checkpoints" / n).mkdir(parents=True)
+
+
+def test_half_written_checkpoints_are_never_latest_and_never_push_good_ones_out(tmp_path):
+    make(tmp_path, "step-0000002", "step-0000004", ".tmp-step-0000006")
+    assert checkpoint.latest(tmp_path).name == "step-0000004"
+    removed = checkpoint.rotate(tmp_path, keep=1, best_step=2)
+    assert removed == [] and not (tmp_path / "checkpoints" / ".tmp-step-0000006").exists()
+    make(tmp_path, "step-0000008")
+    assert [p.name for p in checkpoint.rotate(tmp_path, keep=1, best_step=2)] == ["step-0000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000008"]
+
+
+def test_a_checkpoint_for_another_model_is_refused(tmp_path):
+    ck = tmp_path / "step-0000002"
+    ck.mkdir()
+    mine = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
+            "num_mel_bins": 80, "tokenizer_size": 10}
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "vocab_size": 12, "tokenizer_size": 12}))
+    with pytest.raises(checkpoint.CheckpointError, match="for another model or tokenizer .*vocab_size 12 vs 10"):
+        checkpoint.check_fingerprint(ck, mine)
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "moved/elsewhere"}))
+    checkpoint.check_fingerprint(ck, mine)  # same architecture and tokenizer: fine
+
+
+def test_train_state_round_trips_as_json(tmp_path):
+    s = checkpoint.TrainState(step=7, epoch=1, micro_in_epoch=3, positions=[[[1, 0, 4]]], best_cer=0.5, best_step=6)
+    (tmp_path / checkpoint.STATE_FILE).write_text(s.to_json())
+    assert checkpoint.TrainState.load(tmp_path) == s
+    with pytest.raises(checkpoint.CheckpointError, match="no train_state.json"):
+        checkpoint.TrainState.load(tmp_path / "nope")
+
+
+def test_deepspeed_values_that_contradict_the_flags_are_refused(monkeypatch):
+    cfg = TrainConfig(dataset_root="x", run_name="x", per_device_train_batch_size=4, grad_accum=2)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "train_batch_size": "auto"}
+    reconcile_deepspeed(cfg, ds)
+    filled = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"])
+    assert filled == (4, 2, 1.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r'"train_batch_size": 8 .* = 16'):
+        reconcile_deepspeed(cfg, {"train_batch_size": 8})
+    with pytest.raises(ConfigError, match='--max-grad-norm 1.0 disagrees with "gradient_clipping": 0.5'):
+        reconcile_deepspeed(cfg, {"gradient_clipping": 0.5})
+    with pytest.raises(ConfigError, match="--mixed-precision no disagrees with \"bf16.enabled\": True"):
+        reconcile_deepspeed(cfg, {"bf16": {"enabled": True}})
