@@ -63,20 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("usual", "wdx"):
         stages = ", ".join(f"{k} {v:.3f}" for k, v in dp[name]["stages_s"].items())
         print(f"{name:<10}{dp[name]['samples_per_s']:>11.1f}   {stages}")
+    worker_only = n_data / (dp["wdx"]["stages_s"]["decode+resample"] + dp["wdx"]["stages_s"]["collate"])
+    dp["wdx_worker_only_samples_per_s"] = worker_only
     print(f"ratio wdx/usual: {dp['ratio']:.2f}x   (features identical to {dp['max_abs_feature_difference']:.1e})")
+    print(f"wdx in the loader worker only (log-mel runs on the training device): {worker_only:.1f} samples/s, "
+          f"{worker_only / dp['usual']['samples_per_s']:.2f}x the usual path")
 
     # 2. training step, 3. memory
     data = make_dataset(work / "data", n_train)
-    results["train_step"] = ts = {v: train_step(v, data, model, steps, batch, 1) for v in ("wdx", "trainer", "floor")}
-    print(f"\n== training step, {model.name}, batch {batch}, 1 loader worker, fp32, {steps} steps (median after 2)")
-    print(f"{'way':<10}{'samples/s':>11}{'steps/s':>9}{'peak RSS MiB':>14}{'+workers MiB':>14}")
+    # Loader workers are separate processes: on a 2-core machine they compete with the
+    # model for the same cores, so both ways are measured with 0 and with 1 worker.
+    runs = [("wdx", 0), ("wdx", 1), ("trainer", 0), ("trainer", 1), ("floor", 0)]
+    results["train_step"] = ts = {f"{v}/w{w}": train_step(v, data, model, steps, batch, w) for v, w in runs}
+    print(f"\n== training step, {model.name}, batch {batch}, fp32, {steps} steps (median after 2)")
+    print(f"{'way/workers':<13}{'samples/s':>11}{'steps/s':>9}{'peak RSS MiB':>14}{'worker RSS MiB':>16}")
     for v, r in ts.items():
-        print(f"{v:<10}{r['samples_per_s']:>11.2f}{r['samples_per_s'] / batch:>9.3f}{r['peak_rss_mib']:>14.0f}"
-              f"{r['peak_rss_children_mib']:>14.0f}")
-    ts["overhead_wdx_over_floor"] = ts["floor"]["samples_per_s"] / ts["wdx"]["samples_per_s"]
-    ts["speedup_wdx_over_trainer"] = ts["wdx"]["samples_per_s"] / ts["trainer"]["samples_per_s"]
-    print(f"loop overhead (time per step, wdx / floor): {ts['overhead_wdx_over_floor']:.3f}x;  "
-          f"speed-up over Seq2SeqTrainer: {ts['speedup_wdx_over_trainer']:.2f}x")
+        print(f"{v:<13}{r['samples_per_s']:>11.2f}{r['samples_per_s'] / batch:>9.3f}{r['peak_rss_mib']:>14.0f}"
+              f"{r['peak_rss_children_mib']:>16.0f}")
+    for w in (0, 1):
+        ts[f"overhead_w{w}"] = ts["floor/w0"]["samples_per_s"] / ts[f"wdx/w{w}"]["samples_per_s"]
+        ts[f"speedup_w{w}"] = ts[f"wdx/w{w}"]["samples_per_s"] / ts[f"trainer/w{w}"]["samples_per_s"]
+        print(f"{w} workers: loop overhead (time per step, wdx / floor) {ts[f'overhead_w{w}']:.3f}x; "
+              f"speed-up over Seq2SeqTrainer {ts[f'speedup_w{w}']:.2f}x")
 
     from wdx.plan import plan_table
 

@@ -102,37 +102,32 @@ def count_layers(arrays: dict, side: str) -> int:
     return len({k.split("/")[1] for k in arrays if re.match(rf"{side}/layer_\d+/", k)})
 
 
+def _block(sd: dict, hf: str, a: dict, ct: str, cross: bool) -> None:
+    """One transformer block: self-attention and MLP (both sides), cross-attention (decoder)."""
+    _split(sd, f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), a, f"{ct}/self_attention/linear_0")
+    _linear(sd, f"{hf}.self_attn.out_proj", a, f"{ct}/self_attention/linear_1")
+    _norm(sd, f"{hf}.self_attn_layer_norm", a, f"{ct}/self_attention/layer_norm")
+    if cross:
+        _linear(sd, f"{hf}.encoder_attn.q_proj", a, f"{ct}/attention/linear_0")
+        _split(sd, f"{hf}.encoder_attn", ("k_proj", "v_proj"), a, f"{ct}/attention/linear_1")
+        _linear(sd, f"{hf}.encoder_attn.out_proj", a, f"{ct}/attention/linear_2")
+        _norm(sd, f"{hf}.encoder_attn_layer_norm", a, f"{ct}/attention/layer_norm")
+    _linear(sd, f"{hf}.fc1", a, f"{ct}/ffn/linear_0")
+    _linear(sd, f"{hf}.fc2", a, f"{ct}/ffn/linear_1")
+    _norm(sd, f"{hf}.final_layer_norm", a, f"{ct}/ffn/layer_norm")
+
+
 def to_hf_state_dict(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     sd: dict[str, np.ndarray] = {}
     for part in ("conv1", "conv2"):
         _linear(sd, f"model.encoder.{part}", a, f"encoder/{part}")
     sd["model.encoder.embed_positions.weight"] = a["encoder/position_encodings/encodings"]
-    n_enc = count_layers(a, "encoder")
-    for i in range(n_enc):
-        hf, ct = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-        _split(sd, f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), a, f"{ct}/self_attention/linear_0")
-        _linear(sd, f"{hf}.self_attn.out_proj", a, f"{ct}/self_attention/linear_1")
-        _norm(sd, f"{hf}.self_attn_layer_norm", a, f"{ct}/self_attention/layer_norm")
-        _linear(sd, f"{hf}.fc1", a, f"{ct}/ffn/linear_0")
-        _linear(sd, f"{hf}.fc2", a, f"{ct}/ffn/linear_1")
-        _norm(sd, f"{hf}.final_layer_norm", a, f"{ct}/ffn/layer_norm")
-    _norm(sd, "model.encoder.layer_norm", a, "encoder/layer_norm")
     sd["model.decoder.embed_tokens.weight"] = a["decoder/embeddings/weight"]
     sd["model.decoder.embed_positions.weight"] = a["decoder/position_encodings/encodings"]
-    n_dec = count_layers(a, "decoder")
-    for i in range(n_dec):
-        hf, ct = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        _split(sd, f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), a, f"{ct}/self_attention/linear_0")
-        _linear(sd, f"{hf}.self_attn.out_proj", a, f"{ct}/self_attention/linear_1")
-        _norm(sd, f"{hf}.self_attn_layer_norm", a, f"{ct}/self_attention/layer_norm")
-        _linear(sd, f"{hf}.encoder_attn.q_proj", a, f"{ct}/attention/linear_0")
-        _split(sd, f"{hf}.encoder_attn", ("k_proj", "v_proj"), a, f"{ct}/attention/linear_1")
-        _linear(sd, f"{hf}.encoder_attn.out_proj", a, f"{ct}/attention/linear_2")
-        _norm(sd, f"{hf}.encoder_attn_layer_norm", a, f"{ct}/attention/layer_norm")
-        _linear(sd, f"{hf}.fc1", a, f"{ct}/ffn/linear_0")
-        _linear(sd, f"{hf}.fc2", a, f"{ct}/ffn/linear_1")
-        _norm(sd, f"{hf}.final_layer_norm", a, f"{ct}/ffn/layer_norm")
-    _norm(sd, "model.decoder.layer_norm", a, "decoder/layer_norm")
+    for side in ("encoder", "decoder"):
+        for i in range(count_layers(a, side)):
+            _block(sd, f"model.{side}.layers.{i}", a, f"{side}/layer_{i}", cross=side == "decoder")
+        _norm(sd, f"model.{side}.layer_norm", a, f"{side}/layer_norm")
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}
 
 
