@@ -112,6 +112,27 @@ def check_run_dir(cfg: TrainConfig) -> None:
                               "--resume-from-checkpoint latest to continue it or --overwrite to start over")
 
 
+def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) -> checkpoint.TrainState:
+    """Load model/optimizer/scheduler/RNG from the checkpoint to resume, if any, and return
+    the loop state (a fresh one when starting from step 0)."""
+    fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers)
+    resume = resolve_resume(cfg)
+    if resume is None:
+        return fresh
+    checkpoint.check_fingerprint(resume, fingerprint)
+    accelerator.load_state(str(resume))
+    state = checkpoint.TrainState.load(resume)
+    log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
+             state.micro_in_epoch)
+    if (state.world_size, state.num_workers) != (fresh.world_size, fresh.num_workers):
+        log.warning("checkpoint was written by %d processes x %d workers, now %d x %d: the data position cannot be "
+                    "mapped; epoch %d restarts from its first sample", state.world_size, state.num_workers,
+                    fresh.world_size, fresh.num_workers, state.epoch)
+        state.positions, state.micro_in_epoch = [], 0
+        state.world_size, state.num_workers = fresh.world_size, fresh.num_workers
+    return state
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume_from_checkpoint is None:
         return None
@@ -174,20 +195,7 @@ def train(cfg: TrainConfig) -> int:
 
     fingerprint = checkpoint.fingerprint(whisper.model, whisper.tokenizer, cfg.base_model)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
-    state = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers)
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        checkpoint.check_fingerprint(resume, fingerprint)
-        accelerator.load_state(str(resume))
-        state = checkpoint.TrainState.load(resume)
-        log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
-                 state.micro_in_epoch)
-        if (state.world_size, state.num_workers) != (accelerator.num_processes, cfg.num_workers):
-            log.warning("checkpoint was written by %d processes x %d workers, now %d x %d: the data position "
-                        "cannot be mapped; epoch %d restarts from its first sample", state.world_size,
-                        state.num_workers, accelerator.num_processes, cfg.num_workers, state.epoch)
-            state.positions, state.micro_in_epoch = [], 0
-            state.world_size, state.num_workers = accelerator.num_processes, cfg.num_workers
+    state = resume_state(cfg, accelerator, fingerprint)
     if cfg.export:
         checkpoint.check_fingerprint(cfg.export, fingerprint)
         accelerator.load_state(cfg.export)
@@ -245,24 +253,8 @@ def train(cfg: TrainConfig) -> int:
                 loss_sum += loss.detach().float()
                 micro_since_log += 1
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-                    grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm).float()
-                    # fp16's grad scaler skips inf gradients itself (expected while it calibrates)
-                    check_grad = cfg.precision() != "fp16" and zero_stage(accelerator) == 0
-                    nonfinite_loss, nonfinite_grad, stopping = agree(
-                        accelerator, ~torch.isfinite(loss.detach()), check_grad and ~torch.isfinite(grad_norm),
-                        stop.received is not None)
-                    if nonfinite_loss or nonfinite_grad:
-                        state.nonfinite_in_a_row += 1
-                        log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step + 1,
-                                    "loss" if nonfinite_loss else "gradient", state.nonfinite_in_a_row)
-                    else:
-                        state.nonfinite_in_a_row = 0
-                        lr = scheduler.get_last_lr()[0]  # the rate this update uses
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:
-                            scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm, lr, stopping = update(cfg, accelerator, optimizer, scheduler, trainable, loss, state,
+                                                     stop.received is not None, lr)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -322,6 +314,35 @@ def train(cfg: TrainConfig) -> int:
         log.info("pushed to %s", push(final, cfg.hub_model_id, cfg.hub_private))
     accelerator.end_training()
     return 0
+
+
+def update(cfg: TrainConfig, accelerator: Accelerator, optimizer, scheduler, trainable: list, loss: torch.Tensor,
+           state: checkpoint.TrainState, stop_requested: bool, lr: float) -> tuple[torch.Tensor, float, bool]:
+    """Clip, then step optimizer and schedule unless the loss or gradient is not finite.
+
+    Returns (grad norm, the learning rate this update used, whether any process was asked
+    to stop). The NaN/inf verdict and the stop request are agreed by all processes in one
+    collective: the loop's only host sync per optimizer step.
+    """
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+    grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm).float()
+    # fp16's grad scaler skips inf gradients itself (expected while it calibrates); under
+    # DeepSpeed the engine has already stepped inside backward (wdx/accel.py)
+    check_grad = cfg.precision() != "fp16" and zero_stage(accelerator) == 0
+    nonfinite_loss, nonfinite_grad, stopping = agree(
+        accelerator, ~torch.isfinite(loss.detach()), check_grad and ~torch.isfinite(grad_norm), stop_requested)
+    if nonfinite_loss or nonfinite_grad:
+        state.nonfinite_in_a_row += 1
+        log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step + 1,
+                    "loss" if nonfinite_loss else "gradient", state.nonfinite_in_a_row)
+    else:
+        state.nonfinite_in_a_row = 0
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr, stopping
 
 
 def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper: Whisper, metrics: MetricsLog,

@@ -28,7 +28,8 @@ log = logging.getLogger("wdx.demo")
 REPO = Path(__file__).resolve().parents[1]
 
 # Sizes chosen for 2 CPU cores: ~1.2 s per training sample (forward + backward, base,
-# 30 s padded input) and ~0.5 s per evaluated clip.
+# 30 s padded input) and ~0.5 s per evaluated clip. No loader worker: on 2 cores a worker
+# process takes CPU from the model (bench/README "Performance").
 N_TRAIN, N_VAL, EPOCHS, BATCH, EVAL_STEPS, MAX_NEW_TOKENS = 120, 24, 2, 8, 10, 60
 
 
@@ -39,7 +40,7 @@ def train_command(data: Path, base: Path, runs: Path) -> list[str]:
             "--overwrite", "--num-train-epochs", str(EPOCHS), "--per-device-train-batch-size", str(BATCH),
             "--per-device-eval-batch-size", str(BATCH), "--learning-rate", "1e-4", "--warmup-steps", "3",
             "--eval-steps", str(EVAL_STEPS), "--save-steps", str(EVAL_STEPS), "--save-total-limit", "1",
-            "--logging-steps", "1", "--num-workers", "1", "--generation-max-length", str(MAX_NEW_TOKENS),
+            "--logging-steps", "1", "--num-workers", "0", "--generation-max-length", str(MAX_NEW_TOKENS),
             "--num-examples", "2"]
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if evaluate.main([str(base), *common, "--json", str(out / "eval_before.json")]):
         return 1
     timings["3 evaluate base"] = time.perf_counter() - t
-    t = stage(4, "fine-tuning: accelerate launch train_loop.py " + " ".join(train_command(data, base, runs)[5:]))
+    t = stage(4, "fine-tuning: accelerate launch " + " ".join(train_command(data, base, runs)[3:]))
     if subprocess.run(train_command(data, base, runs), cwd=REPO).returncode:
         log.error("training failed; see the output above")
         return 1
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["5 evaluate fine-tuned"] = time.perf_counter() - t
     stage(6, "report")
     before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
-    settings = "accelerate launch " + " ".join(train_command(data, base, runs)[5:])
+    settings = "accelerate launch " + " ".join(train_command(data, base, runs)[3:])
     report = write_report(out, before, after, runs / "demo", settings, timings)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
     for d in ("normal", "dyslexic", "all"):
