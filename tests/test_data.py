@@ -227,6 +227,17 @@ def test_metadata_problems(make_split, tmp_path, caplog):
         load_split(root, "train")
 
 
+def test_a_shard_shorter_than_its_metadata_is_reported_and_its_slot_refilled(make_split, tmp_path):
+    root = make_split("train", good(6), max_count=3)
+    meta = tmp_path / "data" / "train" / "metadata.json"
+    m = json.loads(meta.read_text())
+    m["shards"][0]["samples"], m["total_samples"] = 5, 8  # the first shard really holds 3
+    meta.write_text(json.dumps(m))
+    keys, skips = run(root, batch=2, seed=0, block=1)
+    assert skips["count_mismatch"] >= 1
+    assert [len(b) for b in keys] == [2, 2, 2, 2]  # 8 planned samples, still 4 full batches
+
+
 def test_pipe_url_root_reads_the_same_samples(make_split):
     root = make_split("val_small", good(5), max_count=2)
     local, _ = run(root, split="val_small", train=False)

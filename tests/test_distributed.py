@@ -138,3 +138,21 @@ def test_deepspeed_config_disagreeing_with_the_cli_fails_naming_both(tiny_datase
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert '--grad-accum 1 disagrees with "gradient_accumulation_steps": 4 in the DeepSpeed config' in done.stderr
+
+
+def test_zero3_evaluation_with_uneven_ranks_does_not_hang(tiny_dataset, tiny_model, tmp_path):
+    # val_small of 5 samples, eval batch 2: rank 0 gets 2 samples (1 batch), rank 1 gets 3 (2 batches)
+    from tests.conftest import make_sample
+    from wdx.pack import write_split
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train").symlink_to(Path(tiny_dataset) / "train")
+    write_split(root / "val_small", [make_sample(f"u{i}", seed=i, domain=("normal", "dyslexic")[i % 2])
+                                     for i in range(5)])
+    argv = common(str(root), tiny_model, tmp_path, "uneven") + ["--num-workers", "0", "--max-steps", "2",
+                                                               "--per-device-eval-batch-size", "2"]
+    done = launch(CONFIGS["zero3"], *argv, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    evals = [r for r in records(tmp_path / "uneven") if "eval/loss" in r]
+    assert [e["eval/all/n"] for e in evals] == [5]

@@ -112,15 +112,21 @@ def read_slot(split: Split, segments: list, length: int, first: int, skips: Skip
             if base + seg_base + (seg.stop - seg.start) <= first:
                 continue  # whole segment before the resume point: not even opened
             url = split.urls[seg.shard]
+            seen = 0
             try:
                 for i, sample in enumerate(iter_shard(url)):
                     if i >= seg.stop:
                         break
+                    seen = i + 1
                     index = base + seg_base + i - seg.start
                     if i < seg.start or index < first:
                         continue  # skipped before decoding
                     yielded += 1
                     yield index, sample
+                else:
+                    if seen < seg.stop:
+                        skips.skip("count_mismatch", _shard_name(url), "-", f"ended after {seen} samples; "
+                                   f"metadata.json says {split.counts[seg.shard]}")
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
         if yielded == 0 and n_pass > first // length:
