@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from wdx import checkpoint
-from wdx.accel import agree, build_accelerator, whole_model_init, zero_stage
+from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
 from wdx.collate import Collator, make_text_encoder
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
@@ -264,7 +264,7 @@ def train(cfg: TrainConfig) -> int:
                                          "or gradient; lower --learning-rate, use --bf16 instead of --fp16, or "
                                          "check the data (see --max-nonfinite)")
             if state.micro_in_epoch >= usable:
-                run_skips = sum_over_ranks(accelerator, skips)
+                run_skips = sum_counts(accelerator, skips)
                 log.info("epoch %d done; samples skipped so far: %s", state.epoch, dict(run_skips) or "none")
                 metrics.write(state.step, {"data/epochs_done": state.epoch + 1,
                                            **{f"data/skipped/{k}": v for k, v in run_skips.items()}})
@@ -306,7 +306,7 @@ def train(cfg: TrainConfig) -> int:
                  stop.received, state.step)
         accelerator.end_training()
         return 0
-    log.info("samples skipped over the run: %s", dict(sum_over_ranks(accelerator, skips)) or "none")
+    log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, skips)) or "none")
     final = write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor,
                         Path(cfg.run_dir) / "final", config_json, last_eval["results"] if last_eval else None)
     log.info("final model: %s", final)
@@ -366,19 +366,12 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
     return out
 
 
-def sum_over_ranks(accelerator: Accelerator, counts: Counter) -> Counter:
-    total = Counter()
-    for part in gather_object([dict(counts)]) if accelerator.num_processes > 1 else [dict(counts)]:
-        total.update(part)
-    return total
-
-
 def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoint.TrainState,
                     positions: list[Position], skips: Counter, last_eval: dict | None, files: dict[str, str]) -> None:
     """Record the data position and best CER in the state, write atomically, rotate."""
     mine = [list(astuple(p)) for p in positions]
-    state.positions = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    state.skips = dict(sum_over_ranks(accelerator, skips))
+    state.positions = gather_list(accelerator, [mine])
+    state.skips = dict(sum_counts(accelerator, skips))
     if last_eval is not None and last_eval["step"] == state.step:
         cer = last_eval["results"]["all"]["cer"]
         if math.isfinite(cer) and (state.best_cer is None or cer < state.best_cer):

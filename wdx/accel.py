@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from .config import ConfigError, TrainConfig
 
@@ -70,6 +71,19 @@ def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
 def zero_stage(accelerator: Accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return 0 if plugin is None else int(plugin.zero_stage)
+
+
+def gather_list(accelerator: Accelerator, items: list) -> list:
+    """Concatenate every process's Python list (in rank order); no collective for one process."""
+    return gather_object(items) if accelerator.num_processes > 1 else list(items)
+
+
+def sum_counts(accelerator: Accelerator, counts: dict[str, int]) -> Counter:
+    """Per-reason counts summed over all processes."""
+    total: Counter = Counter()
+    for part in gather_list(accelerator, [dict(counts)]):
+        total.update(part)
+    return total
 
 
 def agree(accelerator: Accelerator, *conditions) -> list[bool]:

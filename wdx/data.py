@@ -62,6 +62,11 @@ class Skips:
             raise DatasetError(f"{shard}/{key}: {self.in_a_row} samples in a row unusable "
                                f"(last: {reason}); see the skip log above")
 
+    def record(self, verdict: str, shard: str, key: str) -> None:
+        """Skip with a stage's verdict, written "reason: detail"."""
+        reason, _, detail = verdict.partition(":")
+        self.skip(reason, shard, key, detail.strip())
+
     def passed(self) -> None:
         """A sample made it through every skipping stage."""
         self.in_a_row = 0
@@ -194,8 +199,7 @@ def decode(src: Iterable[tuple[tuple[int, int], dict]], *, target_sr: int, split
         result = decode_sample(raw, target_sr=target_sr, split_domain=split_domain,
                                default_domain=default_domain)
         if isinstance(result, str):
-            reason, _, detail = result.partition(":")
-            skips.skip(reason, shard, key, detail.strip())
+            skips.record(result, shard, key)
             continue
         result.update(key=key, shard=shard, pos=pos)
         yield result
@@ -300,8 +304,7 @@ def tokenize(src: Iterable[dict], encode_text: Callable[[str], list[int] | str] 
         if encode_text is not None:
             ids = encode_text(sample["text"])
             if isinstance(ids, str):
-                reason, _, detail = ids.partition(":")
-                skips.skip(reason, sample["shard"], sample["key"], detail.strip())
+                skips.record(ids, sample["shard"], sample["key"])
                 continue
             sample["ids"] = ids
         skips.passed()

@@ -12,8 +12,8 @@ import logging
 
 import torch
 import transformers
-from accelerate.utils import gather_object
 
+from .accel import gather_list, sum_counts
 from .features import log_mel
 from .metrics import by_domain
 
@@ -80,11 +80,8 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
                     max_new_tokens, pad_to)
         done += 1
     totals = accelerator.reduce(torch.stack([loss_sum, tokens]), reduction="sum")
-    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
-    all_skips: dict[str, int] = {}
-    for part in (gather_object([skips]) if accelerator.num_processes > 1 else [skips]):
-        for reason, n in part.items():
-            all_skips[reason] = all_skips.get(reason, 0) + n
+    rows = gather_list(accelerator, rows)
+    all_skips = dict(sum_counts(accelerator, skips))
     model.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {"loss": loss, "results": by_domain(rows), "rows": rows, "skips": all_skips}

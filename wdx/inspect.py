@@ -64,8 +64,7 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
 def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None) -> None:
     sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain)
     if isinstance(sample, str):
-        reason, _, detail = sample.partition(":")
-        skips.skip(reason, _shard_name(raw.get("__url__", "?")), raw["__key__"], detail.strip())
+        skips.record(sample, _shard_name(raw.get("__url__", "?")), raw["__key__"])
         return
     report.usable_samples += 1
     report.hours += sample["duration"] / 3600
