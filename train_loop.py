@@ -93,7 +93,7 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         + (f", ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else ""),
         f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
         f" = {batch * world * accum}",
-        f"  train samples      {train.split.total} ({train.samples_per_slot() * train.slots} per epoch)",
+        f"  train samples      {train.split.total} ({train.samples_per_epoch()} per epoch)",
         f"  steps              {steps_per_epoch} per epoch, {total_steps} in total",
         f"  checkpoints        {checkpoint.checkpoints_dir(cfg.run_dir)} (every {cfg.save_steps} steps, "
         f"keep {cfg.save_total_limit} + best)",

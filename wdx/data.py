@@ -338,13 +338,14 @@ class ShardedSamples(torch.utils.data.IterableDataset):
     def slots(self) -> int:
         return self.world_size * self.workers
 
-    def samples_per_slot(self) -> int:
-        return slot_bounds(self.split.total, self.slots, 0, equal=True)[1] if self.train else -1
+    def samples_per_epoch(self) -> int:
+        """Samples read per epoch over all ranks (training leaves out fewer than `slots`)."""
+        return self.slots * (self.split.total // self.slots) if self.train else self.split.total
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (train: the same on every rank)."""
         if self.train:
-            return self.workers * len(batch_sizes(self.samples_per_slot(), self.batch_size))
+            return self.workers * len(batch_sizes(self.split.total // self.slots, self.batch_size))
         return sum(math.ceil((e - b) / self.batch_size) for b, e in
                    (slot_bounds(self.split.total, self.slots, self.rank * self.workers + w, equal=False)
                     for w in range(self.workers)))
