@@ -12,9 +12,3 @@ def domain_token(domain: str) -> str:
 
 DOMAIN_TOKENS: tuple[str, ...] = tuple(domain_token(d) for d in DOMAINS)
 
-
-def check_domain(value: str, where: str) -> str:
-    """Return `value` if it is a known domain, else raise naming `where` (a flag or a file)."""
-    if value not in DOMAINS:
-        raise ValueError(f"{where}: unknown domain {value!r} (expected one of {', '.join(DOMAINS)})")
-    return value
