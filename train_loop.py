@@ -33,11 +33,11 @@ from transformers import get_scheduler
 
 from wdx import checkpoint
 from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
-from wdx.collate import Collator, make_text_encoder
+from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
 from wdx.debug import debug_step
-from wdx.evaluation import batch_loss, evaluate, examples
+from wdx.evaluation import evaluate, examples, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.features import log_mel
 from wdx.metrics import format_table
@@ -67,6 +67,36 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper):
             val, make_loader(val, cfg.num_workers, cfg.persistent_workers, pin))
 
 
+def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> str:
+    """Refuse or clear an occupied run directory, check Hub credentials, log the config; returns it as JSON."""
+    check_run_dir(cfg)
+    if (cfg.login_hf or cfg.push_to_hub) and accelerator.is_main_process:
+        log.info("Hugging Face account: %s", check_hub_credentials(verify=cfg.login_hf))
+    if accelerator.is_main_process and cfg.overwrite and not cfg.resume_from_checkpoint:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    config_json = cfg.to_json()
+    log.info("config:\n%s", config_json)
+    return config_json
+
+
+def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, dict]:
+    """Whisper with the domain tokens, frozen as configured; checks what depends on its size."""
+    with whole_model_init(accelerator):
+        whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
+                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
+                                max_new_tokens=cfg.generation_max_length)
+    room = max_text_tokens(whisper.model.config.max_target_positions)
+    if cfg.generation_max_length > room:
+        raise ConfigError(f"--generation-max-length {cfg.generation_max_length}: the decoder holds "
+                          f"{whisper.model.config.max_target_positions} positions, the prompt takes "
+                          f"{whisper.model.config.max_target_positions - room}; at most {room}")
+    if cfg.gradient_checkpointing:
+        whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return whisper, groups
+
+
 def build_optimizer(cfg: TrainConfig, groups: dict, device: torch.device) -> torch.optim.AdamW:
     """AdamW on trainable parameters only; the embedding (new rows only, via a gradient
     mask) gets no weight decay, which would otherwise move every frozen row."""
@@ -89,8 +119,9 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         *(f"    {name:<19}{n:,}" for name, n in counts.items()),
         f"  domain tokens      {whisper.domain_token_ids}",
         f"  processes          {world} x {max(1, cfg.num_workers)} loader workers, device {accelerator.device}, "
-        f"precision {cfg.precision()}, distributed type {accelerator.distributed_type.value}"
+        f"distributed type {accelerator.distributed_type.value}"
         + (f", ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else ""),
+        f"  precision          {cfg.precision()} ({cfg.precision_source}): {precision_mode(cfg, accelerator)}",
         f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
         f" = {batch * world * accum}",
         f"  train samples      {train.split.total} ({train.samples_per_epoch()} per epoch)",
@@ -100,6 +131,14 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         f"  final model        {Path(cfg.run_dir) / 'final'}",
     ]
     return "\n".join(lines)
+
+
+def precision_mode(cfg: TrainConfig, accelerator: Accelerator) -> str:
+    if cfg.precision() == "no":
+        return "fp32 throughout"
+    if zero_stage(accelerator):
+        return f"DeepSpeed casts the model to {cfg.precision()}, keeps fp32 master weights of what trains"
+    return f"{cfg.precision()} autocast over fp32 weights"
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
@@ -133,6 +172,32 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) 
     return state
 
 
+def export(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, fingerprint: dict,
+           config_json: str) -> int:
+    """--export CHECKPOINT: load it and write final/."""
+    checkpoint.check_fingerprint(cfg.export, fingerprint)
+    accelerator.load_state(cfg.export)
+    write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
+                config_json, None)
+    return 0
+
+
+def run_debug_step(cfg: TrainConfig, accelerator: Accelerator, model, optimizer, loader, groups: dict, n_mels: int,
+                   dtype: torch.dtype) -> int:
+    """--debug-step K (and --detect-anomaly): the timing table on one fixed batch."""
+    if cfg.detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+    report = debug_step(accelerator, model, optimizer, loader, groups, cfg.debug_step, n_mels, cfg.learning_rate,
+                        dtype)
+    if accelerator.is_main_process:
+        print(report, flush=True)
+    return 0
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume_from_checkpoint is None:
         return None
@@ -159,28 +224,153 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
+# ----------------------------------------------------------------------------- one step
+
+class StepBatches:
+    """The --grad-accum micro-batches of each optimizer step, epoch after epoch.
+
+    Keeps the loop state's epoch and micro-batch count, each loader worker's resume position
+    and the skip counts current. An epoch's remainder of fewer than --grad-accum
+    micro-batches is never read, so every step has exactly grad_accum of them.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, dataset: ShardedSamples, loader,
+                 state: checkpoint.TrainState, metrics: MetricsLog) -> None:
+        self.cfg, self.accelerator, self.dataset, self.loader, self.state, self.metrics = (
+            cfg, accelerator, dataset, loader, state, metrics)
+        self.usable = len(dataset) // cfg.grad_accum * cfg.grad_accum
+        starts = state.starts_for(accelerator.process_index) if state.micro_in_epoch else None
+        self.positions = starts or self._fresh()
+        self.skips = Counter(state.skips if accelerator.is_main_process else {})
+        self.batches = None
+        self.keys_log = (open(Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl", "a",
+                              buffering=1) if cfg.log_sample_keys else None)
+
+    def _fresh(self) -> list[Position]:
+        return [Position()] * max(1, self.cfg.num_workers)
+
+    def next(self) -> list[dict]:
+        state = self.state
+        if self.batches is None:  # start (or resume into) an epoch
+            self.dataset.set_epoch(state.epoch, self.positions if state.micro_in_epoch else None)
+            self.batches = itertools.islice(self.loader, self.usable - state.micro_in_epoch)
+        group = [next(self.batches) for _ in range(self.cfg.grad_accum)]
+        for batch in group:
+            self.positions[batch["worker"]] = batch["resume"]
+            self.skips.update(batch["skips"])
+            if self.keys_log is not None:
+                self.keys_log.write(json.dumps({"epoch": state.epoch, "step": state.step + 1,
+                                                "keys": batch["key"]}) + "\n")
+        state.micro_in_epoch += len(group)
+        if state.micro_in_epoch >= self.usable:
+            self._end_epoch()
+        return group
+
+    def _end_epoch(self) -> None:
+        run_skips = sum_counts(self.accelerator, self.skips)
+        log.info("epoch %d done; samples skipped so far: %s", self.state.epoch, dict(run_skips) or "none")
+        self.metrics.write(self.state.step + 1, {"data/epochs_done": self.state.epoch + 1,
+                                                 **{f"data/skipped/{k}": v for k, v in run_skips.items()}})
+        self.state.epoch, self.state.micro_in_epoch = self.state.epoch + 1, 0
+        self.positions, self.batches = self._fresh(), None
+
+
+def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict], n_mels: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over one optimizer step's micro-batches; returns this process's
+    (sum of token losses, label tokens), on the device.
+
+    The step's loss is the sum of token losses over all its micro-batches and processes
+    divided by the step's label tokens (transformers' `num_items_in_batch` fix): a mean of
+    per-batch means would weigh three short transcripts like eight long ones. Accelerate
+    (or DeepSpeed) divides each backward by grad_accum and DDP/ZeRO average over processes;
+    scaling by grad_accum * processes / tokens turns that into exactly the token mean.
+    The token count is all-reduced on the device: a collective, not a host sync.
+    """
+    tokens = sum((b["labels"] != IGNORE).sum() for b in micro_batches).to(accelerator.device)
+    scale = len(micro_batches) * accelerator.num_processes / accelerator.reduce(tokens, reduction="sum")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in micro_batches:
+        batch = to_device(batch, accelerator.device)
+        with accelerator.accumulate(model):
+            features = log_mel(batch["audio"], n_mels, dtype)  # fp32 maths, then the model's dtype
+            loss = token_loss_sum(model, features, batch)
+            accelerator.backward(loss * scale)
+        loss_sum += loss.detach().float()
+    return loss_sum, tokens
+
+
+def update(cfg: TrainConfig, accelerator: Accelerator, model, optimizer, scheduler, trainable: list,
+           step_loss: torch.Tensor, state: checkpoint.TrainState, stop_requested: bool) -> tuple[torch.Tensor, bool]:
+    """Clip, step the optimizer unless the step's loss or gradient is not finite, advance the
+    schedule only if the weights really moved. Returns (grad norm, whether to stop).
+
+    The non-finite verdict and the stop request are agreed by all processes in one
+    collective: the loop's only host sync per optimizer step. Under fp16 the grad scaler
+    was told about the gradients by `unscale_` (inside clip_grad_norm_); a skipped step
+    still calls `scaler.update()`, which backs the scale off and closes the step, so the
+    next `unscale_` does not raise. Under DeepSpeed the engine has already stepped inside
+    backward: the loop can only read whether it applied the update.
+    """
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+    grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, device=accelerator.device).float()
+    deepspeed = zero_stage(accelerator) > 0
+    nonfinite_loss, nonfinite_grad, stopping = agree(
+        accelerator, ~torch.isfinite(step_loss), not deepspeed and ~torch.isfinite(grad_norm), stop_requested)
+    if deepspeed:
+        applied = model.was_step_applied()
+    elif nonfinite_loss or nonfinite_grad:
+        applied = False
+        if accelerator.scaler is not None:
+            accelerator.scaler.update()
+    else:
+        optimizer.step()  # finite gradients: the fp16 scaler has nothing to skip
+        applied = True
+    if applied:
+        scheduler.step()
+    if nonfinite_loss or nonfinite_grad or not applied:
+        state.nonfinite_in_a_row += 1
+        what = "loss" if nonfinite_loss else "gradient" if nonfinite_grad else "gradient (DeepSpeed's loss scaler)"
+        log.warning("step %d: non-finite %s; update %s (%d in a row)", state.step + 1, what,
+                    "applied by the DeepSpeed engine all the same" if applied else "skipped",
+                    state.nonfinite_in_a_row)
+    else:
+        state.nonfinite_in_a_row = 0
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stopping
+
+
+class TrainMeter:
+    """Token-weighted train loss and throughput since the last log, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, device=device)  # token losses, tokens
+        self.samples, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, micro_batches: list[dict]) -> None:
+        self.sums += torch.stack([loss_sum, tokens.float()])
+        self.samples += sum(len(b["key"]) for b in micro_batches)
+
+    def record(self, accelerator: Accelerator, grad_norm: torch.Tensor, lr: float, epoch: float) -> dict:
+        loss, tokens = accelerator.reduce(self.sums, reduction="sum").tolist()
+        record = {"train/loss": loss / max(tokens, 1), "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                  "train/samples_per_s": self.samples * accelerator.num_processes / (time.perf_counter() - self.t0),
+                  "train/epoch": epoch}
+        if accelerator.device.type == "cuda":
+            record["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        self.sums.zero_()
+        self.samples, self.t0 = 0, time.perf_counter()
+        return record
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig) -> int:
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
-    check_run_dir(cfg)
-    if (cfg.login_hf or cfg.push_to_hub) and accelerator.is_main_process:
-        log.info("Hugging Face account: %s", check_hub_credentials(verify=cfg.login_hf))
-    if accelerator.is_main_process and cfg.overwrite and not cfg.resume_from_checkpoint:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    config_json = cfg.to_json()
-    log.info("config:\n%s", config_json)
-
-    with whole_model_init(accelerator):
-        whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
-                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
-                                max_new_tokens=cfg.generation_max_length)
-    if cfg.gradient_checkpointing:
-        whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config_json = prepare_run_dir(cfg, accelerator)
+    whisper, groups = build_model(cfg, accelerator)
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)
     steps_per_epoch = len(train_ds) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -195,110 +385,64 @@ def train(cfg: TrainConfig) -> int:
 
     fingerprint = checkpoint.fingerprint(whisper.model, whisper.tokenizer, cfg.base_model)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
+    dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
+    n_mels = whisper.model.config.num_mel_bins
     state = resume_state(cfg, accelerator, fingerprint)
     if cfg.export:
-        checkpoint.check_fingerprint(cfg.export, fingerprint)
-        accelerator.load_state(cfg.export)
-        write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
-                    config_json, None)
-        return 0
-    if cfg.detect_anomaly:
-        torch.autograd.set_detect_anomaly(True)
+        return export(cfg, accelerator, model, whisper, fingerprint, config_json)
     if cfg.debug_step:
-        report = debug_step(accelerator, model, optimizer, train_loader, groups, cfg.debug_step,
-                            whisper.model.config.num_mel_bins, cfg.learning_rate)
-        if accelerator.is_main_process:
-            print(report, flush=True)
-        return 0
+        return run_debug_step(cfg, accelerator, model, optimizer, train_loader, groups, n_mels, dtype)
     if cfg.login_wandb:
         accelerator.init_trackers(cfg.wandb_project, config=vars(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run_name, "dir": cfg.run_dir}})
 
-    n_mels = whisper.model.config.num_mel_bins
     trainable = [p for ps in groups.values() for p in ps]
     metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl")
-    stop = StopSignal()
-    keys_log = (open(Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl", "a", buffering=1)
-                if cfg.log_sample_keys else None)
-    usable = steps_per_epoch * cfg.grad_accum  # micro-batches per epoch; a remainder < grad_accum is dropped
-    positions = [Position()] * max(1, cfg.num_workers)
-    skips = Counter(state.skips if accelerator.is_main_process else {})
-    loss_sum, micro_since_log, samples_since_log = torch.zeros((), device=accelerator.device), 0, 0
-    last_eval: dict | None = None
-    lr = scheduler.get_last_lr()[0]
-    t_log = time.perf_counter()
+    batches = StepBatches(cfg, accelerator, train_ds, train_loader, state, metrics)
+    meter, stop, last_eval = TrainMeter(accelerator.device), StopSignal(), None
+    files = {checkpoint.CONFIG_FILE: config_json, checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     model.train()
 
-    while state.step < total_steps and not stop.received:
-        starts = state.starts_for(accelerator.process_index) if state.micro_in_epoch else None
-        positions = starts or [Position()] * max(1, cfg.num_workers)
-        train_ds.set_epoch(state.epoch, starts)
-        for batch in itertools.islice(train_loader, usable - state.micro_in_epoch):
-            positions[batch["worker"]] = batch["resume"]
-            skips.update(batch["skips"])
-            if keys_log is not None:
-                keys_log.write(json.dumps({"epoch": state.epoch, "step": state.step + 1, "keys": batch["key"]}) + "\n")
-            state.micro_in_epoch += 1
-            samples_since_log += len(batch["key"])
-            batch = {k: v.to(accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
+    while state.step < total_steps:
+        # ---- forward + backward over the step's micro-batches, then one update
+        micro_batches = batches.next()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum, tokens = forward_backward(accelerator, model, micro_batches, n_mels, dtype)
+        grad_norm, stopping = update(cfg, accelerator, model, optimizer, scheduler, trainable, loss_sum, state,
+                                     stop.received is not None)
+        state.step += 1
+        meter.add(loss_sum, tokens, micro_batches)
+        bar.update()
+        if state.nonfinite_in_a_row >= cfg.max_nonfinite:
+            raise FloatingPointError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
+                                     "or gradient; lower --learning-rate, use --bf16 instead of --fp16, or "
+                                     "check the data (see --max-nonfinite)")
+        last = state.step == total_steps
 
-            # ---- forward + backward; the optimizer acts on every grad_accum-th micro-batch
-            with accelerator.accumulate(model):
-                features = log_mel(batch["audio"], n_mels)
-                loss, _ = batch_loss(model, features, batch)
-                accelerator.backward(loss)
-                loss_sum += loss.detach().float()
-                micro_since_log += 1
-                if accelerator.sync_gradients:
-                    grad_norm, lr, stopping = update(cfg, accelerator, optimizer, scheduler, trainable, loss, state,
-                                                     stop.received is not None, lr)
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            bar.update()
-            if state.nonfinite_in_a_row >= cfg.max_nonfinite:
-                raise FloatingPointError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
-                                         "or gradient; lower --learning-rate, use --bf16 instead of --fp16, or "
-                                         "check the data (see --max-nonfinite)")
-            if state.micro_in_epoch >= usable:
-                run_skips = sum_counts(accelerator, skips)
-                log.info("epoch %d done; samples skipped so far: %s", state.epoch, dict(run_skips) or "none")
-                metrics.write(state.step, {"data/epochs_done": state.epoch + 1,
-                                           **{f"data/skipped/{k}": v for k, v in run_skips.items()}})
-                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
-                positions = [Position()] * max(1, cfg.num_workers)
+        # ---- once in a while: log
+        if state.step % cfg.logging_steps == 0 or last:
+            record = meter.record(accelerator, grad_norm, lr, state.epoch + state.micro_in_epoch / batches.usable)
+            metrics.write(state.step, record)
+            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}",
+                            sps=f"{record['train/samples_per_s']:.1f}")
 
-            # ---- once in a while: log
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                mean_loss = accelerator.reduce(loss_sum / max(micro_since_log, 1), reduction="mean").item()
-                elapsed = time.perf_counter() - t_log
-                record = {"train/loss": mean_loss, "train/lr": lr,
-                          "train/grad_norm": grad_norm.item(),
-                          "train/samples_per_s": samples_since_log * accelerator.num_processes / elapsed,
-                          "train/epoch": state.epoch + state.micro_in_epoch / usable}
-                metrics.write(state.step, record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['train/lr']:.2e}",
-                                sps=f"{record['train/samples_per_s']:.1f}")
-                loss_sum.zero_()
-                micro_since_log, samples_since_log, t_log = 0, 0, time.perf_counter()
-
-            # ---- once in a while: evaluate
-            if state.step % cfg.eval_steps == 0 or state.step == total_steps:
-                last_eval = run_eval(cfg, accelerator, model, eval_loader, whisper, metrics, state.step)
-
-            # ---- once in a while: checkpoint (and on a stop signal)
-            if state.step % cfg.save_steps == 0 or state.step == total_steps or stopping:
-                save_checkpoint(cfg, accelerator, state, positions, skips, last_eval,
-                                {checkpoint.CONFIG_FILE: config_json,
-                                 checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)})
-            if stopping:
-                stop.received = stop.received or "a signal on another process"
-                break
-            if state.step >= total_steps:
-                break
+        # ---- once in a while: evaluate, checkpoint (and checkpoint on a stop request)
+        evaluated = state.step % cfg.eval_steps == 0 or last
+        if evaluated:
+            last_eval = run_eval(cfg, accelerator, model, eval_loader, whisper, metrics, state.step)
+        saved = state.step % cfg.save_steps == 0 or last or stopping
+        if saved:
+            save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
+        # a signal that arrived during this eval or save is agreed on before anyone leaves
+        if (evaluated or saved) and not stopping and agree(accelerator, stop.received is not None)[0]:
+            stopping = True
+            if not saved:
+                save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
+        if stopping:
+            stop.received = stop.received or "a signal on another process"
+            break
 
     bar.close()
     if stop.received:
@@ -306,7 +450,7 @@ def train(cfg: TrainConfig) -> int:
                  stop.received, state.step)
         accelerator.end_training()
         return 0
-    log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, skips)) or "none")
+    log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, batches.skips)) or "none")
     final = write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor,
                         Path(cfg.run_dir) / "final", config_json, last_eval["results"] if last_eval else None)
     log.info("final model: %s", final)
@@ -314,35 +458,6 @@ def train(cfg: TrainConfig) -> int:
         log.info("pushed to %s", push(final, cfg.hub_model_id, cfg.hub_private))
     accelerator.end_training()
     return 0
-
-
-def update(cfg: TrainConfig, accelerator: Accelerator, optimizer, scheduler, trainable: list, loss: torch.Tensor,
-           state: checkpoint.TrainState, stop_requested: bool, lr: float) -> tuple[torch.Tensor, float, bool]:
-    """Clip, then step optimizer and schedule unless the loss or gradient is not finite.
-
-    Returns (grad norm, the learning rate this update used, whether any process was asked
-    to stop). The NaN/inf verdict and the stop request are agreed by all processes in one
-    collective: the loop's only host sync per optimizer step.
-    """
-    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-    grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm).float()
-    # fp16's grad scaler skips inf gradients itself (expected while it calibrates); under
-    # DeepSpeed the engine has already stepped inside backward (wdx/accel.py)
-    check_grad = cfg.precision() != "fp16" and zero_stage(accelerator) == 0
-    nonfinite_loss, nonfinite_grad, stopping = agree(
-        accelerator, ~torch.isfinite(loss.detach()), check_grad and ~torch.isfinite(grad_norm), stop_requested)
-    if nonfinite_loss or nonfinite_grad:
-        state.nonfinite_in_a_row += 1
-        log.warning("step %d: non-finite %s; update skipped (%d in a row)", state.step + 1,
-                    "loss" if nonfinite_loss else "gradient", state.nonfinite_in_a_row)
-    else:
-        state.nonfinite_in_a_row = 0
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr, stopping
 
 
 def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper: Whisper, metrics: MetricsLog,
@@ -367,11 +482,11 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
 
 
 def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoint.TrainState,
-                    positions: list[Position], skips: Counter, last_eval: dict | None, files: dict[str, str]) -> None:
+                    batches: StepBatches, last_eval: dict | None, files: dict[str, str]) -> None:
     """Record the data position and best CER in the state, write atomically, rotate."""
-    mine = [list(astuple(p)) for p in positions]
+    mine = [list(astuple(p)) for p in batches.positions]
     state.positions = gather_list(accelerator, [mine])
-    state.skips = dict(sum_counts(accelerator, skips))
+    state.skips = dict(sum_counts(accelerator, batches.skips))
     if last_eval is not None and last_eval["step"] == state.step:
         cer = last_eval["results"]["all"]["cer"]
         if math.isfinite(cer) and (state.best_cer is None or cer < state.best_cer):

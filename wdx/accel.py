@@ -39,7 +39,11 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
                                   log_with="wandb" if cfg.login_wandb else None, project_dir=cfg.run_dir,
                                   step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     except ValueError as exc:
-        raise ConfigError(f"--mixed-precision {cfg.precision()}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"--mixed-precision {cfg.precision()} ({cfg.precision_source}): "
+                          f"{str(exc).splitlines()[0]}") from None
+    if cfg.precision() == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate 1.15 accepts fp16 on a CPU and then neither autocasts nor scales: fp32, silently
+        raise ConfigError(f"--mixed-precision fp16 ({cfg.precision_source}): fp16 needs a GPU; on a CPU use bf16")
     if accelerator.state.deepspeed_plugin is not None:
         reconcile_deepspeed(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     return accelerator

@@ -36,7 +36,8 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 def max_text_tokens(max_target_positions: int) -> int:
     """Text tokens that fit the decoder: the inputs are the 5 prompt ids + the text
-    (<|endoftext|> is a label only, never an input)."""
+    (<|endoftext|> is a label only, never an input). Also the most tokens generation may
+    add after the prompt (transformers refuses prompt + max_new_tokens > the decoder's size)."""
     return max_target_positions - (len(PROMPT_TOKENS) + 1)
 
 

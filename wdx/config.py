@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .domains import DOMAINS
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+# What `accelerate launch` exports from its config file (or its --mixed_precision flag).
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"
 
 
 def opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
@@ -66,7 +69,9 @@ class TrainConfig:
     warmup_steps: int = opt(100, "linear warm-up steps before the schedule", group="optimisation")
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS,
                                  group="optimisation")
-    mixed_precision: str = opt("no", "autocast precision (Accelerate)", choices=PRECISIONS, group="optimisation")
+    mixed_precision: str | None = opt(None, "precision (Accelerate autocast, or DeepSpeed's bf16/fp16 mode); "
+                                      "default: the accelerate config's mixed_precision, else no", choices=PRECISIONS,
+                                      group="optimisation")
     bf16: bool = opt(False, "shortcut for --mixed-precision bf16", group="optimisation")
     fp16: bool = opt(False, "shortcut for --mixed-precision fp16", group="optimisation")
     max_nonfinite: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient",
@@ -104,13 +109,16 @@ class TrainConfig:
     detect_anomaly: bool = opt(False, "torch.autograd anomaly detection (slow)", group="tools")
     log_sample_keys: bool = opt(False, "append the keys of every trained batch to RUN/sample_keys.rankN.jsonl "
                                        "(audits what was trained on, across resumes)", group="tools")
+    # --- resolved at start-up, not flags
+    precision_source: str = field(default="", init=False)  # where the precision came from, for the log
 
     @property
     def run_dir(self) -> str:  # only meaningful once validate() has required --run-name
         return f"{self.output_dir.rstrip('/')}/{self.run_name}"
 
     def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else self.mixed_precision
+        """The precision to train in; after `validate`, the flag or the launcher's (see resolve_precision)."""
+        return self.mixed_precision or ("bf16" if self.bf16 else "fp16" if self.fp16 else "no")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
@@ -138,8 +146,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{flag(name)}: must be >= 0 (got {getattr(cfg, name)})")
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("--bf16/--fp16: choose one")
-    if (cfg.bf16 or cfg.fp16) and cfg.mixed_precision not in ("no", cfg.precision()):
-        raise ConfigError(f"--mixed-precision {cfg.mixed_precision} contradicts --{cfg.precision()}")
+    if (cfg.bf16 or cfg.fp16) and cfg.mixed_precision not in (None, "bf16" if cfg.bf16 else "fp16"):
+        raise ConfigError(f"--mixed-precision {cfg.mixed_precision} contradicts --{'bf16' if cfg.bf16 else 'fp16'}")
+    resolve_precision(cfg, os.environ)
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout: must be in [0, 1) (got {cfg.dropout})")
     if cfg.learning_rate <= 0:
@@ -150,6 +159,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.push_to_hub and cfg.hub_model_id is None:
         cfg.hub_model_id = cfg.run_name
     return cfg
+
+
+def resolve_precision(cfg: TrainConfig, environ: typing.Mapping[str, str]) -> None:
+    """Set cfg.mixed_precision: this script's flag, else the launcher's config, else "no".
+
+    `Accelerator(mixed_precision=X)` beats what `accelerate launch --config_file` exported,
+    so the loop passes this resolved value and must never pass a default of its own: that
+    is how the GPU presets' bf16 used to be dropped. A flag wins over the config file, and
+    the log says so.
+    """
+    given = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else cfg.mixed_precision
+    launcher = environ.get(LAUNCHER_PRECISION)
+    if launcher is not None and launcher not in PRECISIONS:
+        raise ConfigError(f"mixed_precision {launcher!r} in the accelerate config ({LAUNCHER_PRECISION}): "
+                          f"this trainer supports {', '.join(PRECISIONS)}")
+    if given is not None:
+        name = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else f"--mixed-precision {given}"
+        overrides = f", overriding the accelerate config's {launcher}" if launcher not in (None, given) else ""
+        cfg.mixed_precision, cfg.precision_source = given, name + overrides
+    elif launcher is not None:
+        cfg.mixed_precision, cfg.precision_source = launcher, "the accelerate config"
+    else:
+        cfg.mixed_precision, cfg.precision_source = "no", "default: no flag, no accelerate config"
 
 
 def flag(name: str) -> str:
@@ -169,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
+        if not f.init:
+            continue
         meta = dict(f.metadata)
         group = groups.setdefault(meta.get("group", "other"), parser.add_argument_group(meta.get("group")))
         tp = _arg_type(hints[f.name])
@@ -179,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(type=tp, choices=meta.get("choices"),
                           metavar=None if meta.get("choices") else {int: "N", float: "X"}.get(tp, "STR"))
         group.add_argument(f"--{flag(f.name)}", **kwargs)
+        if "_" in f.name:  # the underscore spelling too (HfArgumentParser, the seed's scripts), not in --help
+            group.add_argument(f"--{f.name}", **{**kwargs, "dest": f.name, "default": argparse.SUPPRESS,
+                                                 "help": argparse.SUPPRESS})
     return parser
 
 

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from .evaluation import batch_loss
+from .collate import IGNORE
+from .evaluation import token_loss_sum
 from .features import log_mel
 
 
@@ -34,7 +35,8 @@ def group_grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, f
             for name, ps in groups.items() if ps}
 
 
-def debug_step(accelerator, model, optimizer, loader, groups: dict, steps: int, n_mels: int, lr: float) -> str:
+def debug_step(accelerator, model, optimizer, loader, groups: dict, steps: int, n_mels: int, lr: float,
+               dtype: torch.dtype = torch.float32) -> str:
     """Run `steps` steps at learning rate `lr` (no warm-up) on the loader's first batch; returns the report."""
     device = accelerator.device
     for group in optimizer.param_groups:
@@ -48,10 +50,10 @@ def debug_step(accelerator, model, optimizer, loader, groups: dict, steps: int, 
     model.train()
     for _ in range(steps):
         marks = [time.perf_counter()]
-        features = log_mel(batch["audio"], n_mels)
+        features = log_mel(batch["audio"], n_mels, dtype)
         _sync(device)
         marks.append(time.perf_counter())
-        loss, _ = batch_loss(model, features, batch)
+        loss = token_loss_sum(model, features, batch) / (batch["labels"] != IGNORE).sum()
         _sync(device)
         marks.append(time.perf_counter())
         accelerator.backward(loss)

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from .accel import gather_list, sum_counts
+from .collate import IGNORE
 from .features import log_mel
 from .metrics import by_domain
 
@@ -40,10 +41,16 @@ def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_token
     return out[:, prompts.shape[1]:]
 
 
-def batch_loss(model, features: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean token loss, number of label tokens) for one batch; the model's own cross-entropy."""
-    out = model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"])
-    return out.loss, (batch["labels"] != -100).sum()
+def token_loss_sum(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum of the label tokens' cross-entropy over one batch (fp32), for training and eval alike.
+
+    A sum, not a mean: the caller divides by the label tokens of everything it averages
+    over (a whole optimizer step, a whole eval split), so short and long transcripts
+    weigh by their tokens. No KV cache: a training forward never reuses one.
+    """
+    out = model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+    return torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
@@ -70,7 +77,7 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
             skips[reason] = skips.get(reason, 0) + n
         last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss, n, hyps = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
-        loss_sum += loss.float() * n
+        loss_sum += loss
         tokens += n
         rows += [dict(key=k, domain=d, ref=r, hyp=h) for k, d, r, h in
                  zip(batch["key"], batch["domain"], batch["text"], hyps)]
@@ -89,10 +96,11 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
 
 def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
                 pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    features = log_mel(batch["audio"], n_mels, model.dtype)  # fp32 maths outside autocast, as in training
     with accelerator.autocast():
-        features = log_mel(batch["audio"], n_mels).to(model.dtype)
-        loss, n = batch_loss(model, features, batch)  # the bare module: no DDP collectives
+        loss = token_loss_sum(model, features, batch)  # the bare module: no DDP collectives
         new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced_gpus=pad_to is not None)
+    n = (batch["labels"] != IGNORE).sum()
     return loss, n, [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

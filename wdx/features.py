@@ -27,8 +27,13 @@ def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(filters).to(device, torch.float32).T.contiguous()  # [n_mels, n_freq]
 
 
-def log_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """[batch, samples] at 16 kHz -> [batch, n_mels, 3000] float32.
+def log_mel(audio: torch.Tensor, n_mels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[batch, samples] at 16 kHz -> [batch, n_mels, 3000], computed in float32, returned in `dtype`.
+
+    Call it outside autocast (under autocast the mel matmul would run in bf16, ~1e-3 off)
+    and pass the dtype of the model's weights: under DeepSpeed bf16/fp16 the module itself
+    is cast and nothing casts its inputs (Whisper's conv1 does not), so fp32 features into
+    a bf16 engine fail; under autocast the weights stay fp32 and so do the features.
 
     Whisper pads every clip to 30 s, and a frame of zeros has exactly zero power: the STFT
     runs only over the real audio plus one window of zeros (so the frames at the edge and
@@ -46,4 +51,4 @@ def log_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
     mel = _mel_filters(n_mels, audio.device) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
-    return (torch.maximum(log_spec, floor) + 4.0) / 4.0
+    return ((torch.maximum(log_spec, floor) + 4.0) / 4.0).to(dtype)

@@ -43,7 +43,7 @@ class Transcriber:
         audio = torch.zeros(len(clips), max(len(c) for c in clips))
         for i, c in enumerate(clips):
             audio[i, : len(c)] = torch.as_tensor(c)
-        features = log_mel(audio.to(self.device), self.model.config.num_mel_bins).to(self.model.dtype)
+        features = log_mel(audio.to(self.device), self.model.config.num_mel_bins, self.model.dtype)
         prompts = torch.tensor([self.prompt(d) for d in domains], device=self.device)
         new = generate(self.model, features, prompts, self.max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]

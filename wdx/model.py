@@ -152,6 +152,10 @@ def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, lan
         gc.task_to_id = {t: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for t in ("transcribe", "translate")}
     if getattr(gc, "no_timestamps_token_id", None) is None:
         gc.no_timestamps_token_id = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    # Every id after <|notimestamps|> is a timestamp or a domain token: the domain comes
+    # from the prompt and timestamps were never trained, so neither may be generated.
+    after = range(tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1, model.get_input_embeddings().num_embeddings)
+    gc.suppress_tokens = sorted(set(gc.suppress_tokens or []) | set(after))
     if getattr(gc, "is_multilingual", None) is None:
         gc.is_multilingual = True
 
