@@ -54,5 +54,8 @@ def test_deepspeed_values_that_contradict_the_flags_are_refused(monkeypatch):
         reconcile_deepspeed(cfg, {"train_batch_size": 8})
     with pytest.raises(ConfigError, match='--max-grad-norm 1.0 disagrees with "gradient_clipping": 0.5'):
         reconcile_deepspeed(cfg, {"gradient_clipping": 0.5})
-    with pytest.raises(ConfigError, match="--mixed-precision no disagrees with \"bf16.enabled\": True"):
-        reconcile_deepspeed(cfg, {"bf16": {"enabled": True}})
+    # the resolved precision (flag, else the JSON, see resolve_precision) is written into the JSON
+    ds = {"bf16": {"enabled": True}, "fp16": {"enabled": "auto", "loss_scale": 0}}
+    reconcile_deepspeed(cfg, ds)
+    assert ds == {"bf16": {"enabled": False}, "fp16": {"enabled": False, "loss_scale": 0},
+                  "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}

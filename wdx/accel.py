@@ -20,9 +20,9 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, gather_object
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, read_json
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -31,11 +31,11 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # trains alone); but cpu=True also drops the DeepSpeed plugin, so DeepSpeed gets only
     # the gloo backend (measured with accelerate 1.15).
     cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    plugin = deepspeed_plugin(cfg)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else []
     try:
-        accelerator = Accelerator(cpu=cpu_distributed and not deepspeed, mixed_precision=cfg.precision(),
-                                  gradient_accumulation_steps=cfg.grad_accum,
+        accelerator = Accelerator(cpu=cpu_distributed and plugin is None, mixed_precision=cfg.precision(),
+                                  deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
                                   log_with="wandb" if cfg.login_wandb else None, project_dir=cfg.run_dir,
                                   step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     except ValueError as exc:
@@ -44,13 +44,24 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if cfg.precision() == "fp16" and accelerator.device.type == "cpu":
         # Accelerate 1.15 accepts fp16 on a CPU and then neither autocasts nor scales: fp32, silently
         raise ConfigError(f"--mixed-precision fp16 ({cfg.precision_source}): fp16 needs a GPU; on a CPU use bf16")
-    if accelerator.state.deepspeed_plugin is not None:
-        reconcile_deepspeed(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     return accelerator
 
 
+def deepspeed_plugin(cfg: TrainConfig) -> DeepSpeedPlugin | None:
+    """The DeepSpeed JSON that `accelerate launch` named, reconciled with the flags, as a
+    plugin; None when not launched with DeepSpeed. Built here rather than by Accelerate so
+    that the resolved precision reaches the JSON before Accelerate reads it."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or not path:
+        return None
+    ds = read_json(path)
+    reconcile_deepspeed(cfg, ds)
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
 def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
-    """Fill "auto" from the CLI; refuse explicit values that contradict it."""
+    """Fill "auto" from the CLI; refuse explicit values that contradict it; set the precision
+    sections to the resolved precision (a flag wins over the JSON, see resolve_precision)."""
     wanted = {"train_micro_batch_size_per_gpu": ("--per-device-train-batch-size", cfg.per_device_train_batch_size),
               "gradient_accumulation_steps": ("--grad-accum", cfg.grad_accum),
               "gradient_clipping": ("--max-grad-norm", cfg.max_grad_norm)}
@@ -66,10 +77,7 @@ def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
         raise ConfigError(f"\"train_batch_size\": {ds['train_batch_size']} in the DeepSpeed config disagrees with "
                           f"--per-device-train-batch-size x --grad-accum x processes = {total}")
     for name in ("bf16", "fp16"):
-        enabled = ds.get(name, {}).get("enabled", "auto")
-        if enabled not in ("auto", cfg.precision() == name):
-            raise ConfigError(f"--mixed-precision {cfg.precision()} disagrees with \"{name}.enabled\": {enabled} "
-                              "in the DeepSpeed config")
+        ds.setdefault(name, {})["enabled"] = cfg.precision() == name
 
 
 def zero_stage(accelerator: Accelerator) -> int:

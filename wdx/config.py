@@ -170,18 +170,49 @@ def resolve_precision(cfg: TrainConfig, environ: typing.Mapping[str, str]) -> No
     the log says so.
     """
     given = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else cfg.mixed_precision
-    launcher = environ.get(LAUNCHER_PRECISION)
-    if launcher is not None and launcher not in PRECISIONS:
-        raise ConfigError(f"mixed_precision {launcher!r} in the accelerate config ({LAUNCHER_PRECISION}): "
-                          f"this trainer supports {', '.join(PRECISIONS)}")
+    launcher, where = launcher_precision(environ)
     if given is not None:
         name = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else f"--mixed-precision {given}"
-        overrides = f", overriding the accelerate config's {launcher}" if launcher not in (None, given) else ""
+        overrides = f", overriding {launcher} in {where}" if launcher not in (None, given) else ""
         cfg.mixed_precision, cfg.precision_source = given, name + overrides
     elif launcher is not None:
-        cfg.mixed_precision, cfg.precision_source = launcher, "the accelerate config"
+        cfg.mixed_precision, cfg.precision_source = launcher, where
     else:
         cfg.mixed_precision, cfg.precision_source = "no", "default: no flag, no accelerate config"
+
+
+def launcher_precision(environ: typing.Mapping[str, str]) -> tuple[str | None, str]:
+    """(precision, where it is set) from `accelerate launch`'s environment, or (None, "").
+
+    Under DeepSpeed an explicit bf16/fp16 "enabled" in the DeepSpeed JSON decides (Accelerate
+    refuses mixed_precision in a yaml that names a deepspeed_config_file); "auto" there
+    defers to the accelerate config's mixed_precision, which the launcher exports.
+    """
+    ds_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and ds_file:
+        enabled = {name: read_json(ds_file).get(name, {}).get("enabled", "auto") for name in ("bf16", "fp16")}
+        chosen = [name for name, on in enabled.items() if on is True]
+        if chosen:
+            return chosen[0], ds_file
+        if all(on is False for on in enabled.values()):
+            return "no", ds_file
+    launcher = environ.get(LAUNCHER_PRECISION)
+    if launcher is not None and launcher not in PRECISIONS:
+        raise ConfigError(f"mixed_precision {launcher!r} in the accelerate config: this trainer supports "
+                          f"{', '.join(PRECISIONS)}")
+    return launcher, "the accelerate config"
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from `path`, or a one-line error naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read this JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
 
 
 def flag(name: str) -> str:
