@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from wdx import checkpoint
+from wdx import checkpoint, faults
 from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
@@ -462,6 +462,8 @@ def train(cfg: TrainConfig) -> int:
 
 def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper: Whisper, metrics: MetricsLog,
              step: int) -> dict:
+    faults.reached("eval", step, accelerator.process_index)
+    t0 = time.perf_counter()
     max_batches = None
     if cfg.max_eval_samples:
         max_batches = math.ceil(cfg.max_eval_samples / (cfg.per_device_eval_batch_size * accelerator.num_processes))
@@ -471,9 +473,11 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
         pad_to = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
     out = evaluate(accelerator, model, loader, whisper.tokenizer, n_mels=whisper.model.config.num_mel_bins,
                    max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to)
-    out["step"] = step
-    metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"])})
-    log.info("eval at step %d: loss %.4f\n%s", step, out["loss"], format_table(out["results"]))
+    out["step"], seconds = step, time.perf_counter() - t0
+    metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"]), "eval/seconds": seconds,
+                         "eval/samples_per_s": len(out["rows"]) / seconds})
+    log.info("eval at step %d: loss %.4f (%d samples, %.1f s)\n%s", step, out["loss"], len(out["rows"]), seconds,
+             format_table(out["results"]))
     for ex in examples(out["rows"], cfg.num_examples):
         log.info("  [%s] %s\n      ref: %s\n      hyp: %s", ex["domain"], ex["key"], ex["ref"], ex["hyp"])
     if out["skips"]:
@@ -484,6 +488,7 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
 def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoint.TrainState,
                     batches: StepBatches, last_eval: dict | None, files: dict[str, str]) -> None:
     """Record the data position and best CER in the state, write atomically, rotate."""
+    faults.reached("save", state.step, accelerator.process_index)
     mine = [list(astuple(p)) for p in batches.positions]
     state.positions = gather_list(accelerator, [mine])
     state.skips = dict(sum_counts(accelerator, batches.skips))

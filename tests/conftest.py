@@ -73,3 +73,14 @@ def tiny_dataset(tmp_path_factory) -> str:
     write_split(root / "train", train, max_count=5)
     write_split(root / "val_small", val, max_count=4)
     return str(root)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons that refuse a second precision; in-process
+    runs with another precision (or an injected grad scaler) need them cleared."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

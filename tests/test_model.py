@@ -85,3 +85,28 @@ def test_an_unloadable_base_model_is_one_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"^--base-model .*nothing-here: cannot load a Whisper model"):
         setup(str(tmp_path / "nothing-here"), language="ko", encoder_layers=1, decoder_layers=1)
+
+
+def test_generation_never_emits_a_domain_or_timestamp_token(tiny_model):
+    from wdx.collate import prompt_ids
+    from wdx.evaluation import generate
+
+    w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
+    model, tok = w.model.eval(), w.tokenizer
+    suppressed = set(model.generation_config.suppress_tokens)
+    notimestamps = tok.convert_tokens_to_ids("<|notimestamps|>")
+    assert set(range(notimestamps + 1, model.config.vocab_size)) <= suppressed  # timestamps + both domain tokens
+    assert max(suppressed) == w.domain_token_ids["<|domain:dyslexic|>"]
+    # make <|domain:dyslexic|> the most likely next token after a "normal" prompt (tied output)
+    features, prompt = torch.randn(1, 80, 3000), torch.tensor([prompt_ids(tok, "ko", "normal")])
+    with torch.no_grad():
+        hidden = model(input_features=features, decoder_input_ids=prompt, output_hidden_states=True)
+        last = hidden.decoder_hidden_states[-1][0, -1]
+        model.get_input_embeddings().weight[w.domain_token_ids["<|domain:dyslexic|>"]] = 100 * last / last.norm()
+    stored = model.generation_config.suppress_tokens
+    model.generation_config.suppress_tokens = None
+    unsuppressed = generate(model, features, prompt, max_new_tokens=3)
+    assert unsuppressed[0, 0] == w.domain_token_ids["<|domain:dyslexic|>"]  # the bait works
+    model.generation_config.suppress_tokens = stored
+    new = generate(model, features, prompt, max_new_tokens=3)
+    assert not set(new.flatten().tolist()) & suppressed

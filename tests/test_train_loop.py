@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_loop
+from tests.test_matrix import check_final
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_checkpoints_rotate_and_keep_the_best(finished_run):
     assert not any(n.startswith(".tmp") for n in names)
 
 
-def test_final_loads_and_generates_with_the_domain_prompt(finished_run):
+def test_final_loads_and_generates_with_the_domain_prompt(finished_run, tiny_model):
     from transformers import AutoTokenizer, WhisperForConditionalGeneration, pipeline
 
     from wdx.collate import prompt_ids
@@ -83,6 +84,7 @@ def test_final_loads_and_generates_with_the_domain_prompt(finished_run):
     out = asr({"raw": torch.zeros(16000).numpy(), "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 4})
     assert isinstance(out["text"], str)
     assert "domain:dyslexic" in (final / "README.md").read_text()
+    check_final(final, tiny_model, layers=4)  # the fp32 / 1 process row of the precision x config matrix
 
 
 def test_resuming_from_a_mid_run_checkpoint_reproduces_the_losses(finished_run, tiny_dataset, tiny_model, tmp_path):

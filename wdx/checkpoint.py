@@ -18,6 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import faults
 from .data import Position
 
 log = logging.getLogger(__name__)
@@ -112,21 +113,12 @@ def save(accelerator, run_dir: str | Path, step: int, files: dict[str, str]) -> 
     if accelerator.is_main_process:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        _before_rename_hook()
+        faults.before_rename()
         if final.exists():  # re-saving a step after resume: replace the old copy only now
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
-
-
-def _before_rename_hook() -> None:
-    """Tests stretch the window between writing and renaming to kill a run inside it."""
-    pause = os.environ.get("WDX_TEST_PAUSE_BEFORE_RENAME")
-    if pause:
-        import time
-
-        time.sleep(float(pause))
 
 
 def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:

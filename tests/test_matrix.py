@@ -1,0 +1,97 @@
+"""Every shipped CPU config x {fp32, bf16}: train, evaluate, save, resume, export; the freeze holds.
+
+bf16 rows here: one `accelerate launch` that is preempted (SIGTERM) right after saving
+step 2, and one that resumes it, trains step 3, evaluates, saves and writes final/. The fp32
+rows run elsewhere with the same assertions (`check_final`): cpu in test_train_loop.py,
+DDP / ZeRO-2 / ZeRO-3 in test_distributed.py (which also pins their losses to a 1-process run).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import speechlike
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["cpu", "cpu_ddp_2proc", "cpu_zero2_2proc", "cpu_zero3_2proc"]
+TRAINED = 2  # --train-encoder-layers and --train-decoder-layers of the tiny 4 + 4 layer model
+
+
+def trained_names(model_dir: str, layers: int) -> set[str]:
+    from wdx.model import setup
+
+    w, groups = setup(model_dir, language="ko", encoder_layers=layers, decoder_layers=layers)
+    ids = {id(p) for name, ps in groups.items() if name != "domain_token_rows" for p in ps}
+    return {n for n, p in w.model.named_parameters() if id(p) in ids}
+
+
+def check_final(final: Path, base_model: str, layers: int) -> None:
+    """final/ loads and transcribes; frozen weights are the base's (in the saved dtype), bit
+    for bit; the domain-token rows moved; the trained blocks moved."""
+    from wdx.inference import Transcriber
+
+    got, base = load_file(final / "model.safetensors"), load_file(Path(base_model) / "model.safetensors")
+    trained = trained_names(base_model, layers)
+    emb = "model.decoder.embed_tokens.weight"
+    vocab = base[emb].shape[0]
+    for name, value in base.items():
+        if name in trained:
+            continue
+        if name == emb:
+            assert torch.equal(got[emb][:vocab], value.to(got[emb].dtype))
+            start = value.mean(0).to(got[emb].dtype)
+            assert not torch.equal(got[emb][vocab], start) and not torch.equal(got[emb][vocab + 1], start)
+        else:
+            assert torch.equal(got[name], value.to(got[name].dtype)), name
+    assert sum(not torch.equal(got[n], base[n].to(got[n].dtype)) for n in trained) == len(trained)
+    clip = speechlike(1.5, 16000, seed=5).astype(np.float32)
+    out = Transcriber(final, max_new_tokens=4)([clip, clip], ["normal", "dyslexic"])
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    suppressed = json.loads((final / "generation_config.json").read_text())["suppress_tokens"]
+    assert {vocab, vocab + 1} <= set(suppressed)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a fixed port can still be in TIME_WAIT from the previous launch
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: str, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "train_loop.py"), *argv]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bf16_trains_evaluates_saves_resumes_and_exports(config, tiny_dataset, tiny_model, tmp_path):
+    argv = ["--dataset-root", tiny_dataset, "--base-model", tiny_model, "--output-dir", str(tmp_path), "--run-name",
+            "m", "--max-steps", "3", "--per-device-train-batch-size", "2", "--num-workers", "0", "--learning-rate",
+            "3e-3", "--warmup-steps", "0", "--logging-steps", "1", "--eval-steps", "2", "--save-steps", "2",
+            "--generation-max-length", "4", "--train-encoder-layers", str(TRAINED), "--train-decoder-layers",
+            str(TRAINED), "--bf16"]
+    first = launch(config, argv, {"WDX_TEST_SIGTERM": "save:2:0"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "precision          bf16 (--bf16" in first.stdout and "stopped by SIGTERM at step 2" in first.stdout
+    resumed = launch(config, argv + ["--resume-from-checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run = tmp_path / "m"
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert [r["eval/all/n"] for r in rows if "eval/loss" in r] == [6, 6]  # steps 2 and 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    check_final(run / "final", tiny_model, TRAINED)
