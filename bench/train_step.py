@@ -122,10 +122,10 @@ def run_trainer(args) -> dict:
 
 def run_floor(args) -> dict:
     from train_loop import build_optimizer
-    from wdx.collate import Collator
+    from wdx.collate import IGNORE, Collator
     from wdx.config import TrainConfig
     from wdx.data import ShardedSamples, make_loader
-    from wdx.evaluation import batch_loss
+    from wdx.evaluation import token_loss_sum
     from wdx.features import log_mel
     from wdx.model import setup
     from wdx.shards import load_split
@@ -140,7 +140,7 @@ def run_floor(args) -> dict:
     opt = build_optimizer(TrainConfig(dataset_root="x", run_name="x"), groups, torch.device("cpu"))
     stamps = []
     for _ in range(args.steps):
-        loss, _ = batch_loss(w.model, features, batch)
+        loss = token_loss_sum(w.model, features, batch) / (batch["labels"] != IGNORE).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,5 +1,7 @@
 """The benchmarks run and print their tables (smoke mode: tiny model; numbers not checked)."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +20,36 @@ def test_bench_smoke_prints_three_tables(tmp_path):
         assert heading in done.stdout
     assert "ratio wdx/usual" in done.stdout and "speed-up over Seq2SeqTrainer" in done.stdout
     assert (tmp_path / "r.json").exists()
+
+
+def test_bench_gpu_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--json", str(tmp_path / "g.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [
+        "bench.gpu: no CUDA device on this machine; nothing measured (run it where a GPU is)"]
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_gpu_cpu_smoke_runs_both_presets(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-smoke", "--steps", "4", "--batch", "2",
+                           "--work", str(tmp_path), "--json", str(tmp_path / "g.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "g.json").read_text())
+    assert set(results["runs"]) == {"single_gpu", "zero2"}
+    for run in results["runs"].values():
+        assert run["precision"] == "bf16" and run["samples_per_s"] > 0 and run["eval_samples_per_s"] > 0
+
+
+def test_training_flops_of_large_v3_follow_its_geometry():
+    from bench.flops import train_flops_per_sample
+    from wdx.plan import load_config
+
+    f = train_flops_per_sample(load_config("openai/whisper-large-v3"), label_tokens=50, encoder_trained=4,
+                               decoder_trained=4)
+    # 28 frozen encoder blocks forward: 28 x (8 T d^2 + 4 T^2 d + 4 T d ffn) with T 1500, d 1280, ffn 5120
+    assert f["encoder_frozen"] == 28 * (8 * 1500 * 1280**2 + 4 * 1500**2 * 1280 + 4 * 1500 * 1280 * 5120)
+    assert f["encoder_trained"] == 3 * 4 / 28 * f["encoder_frozen"]
+    assert 3.7e12 < f["total"] < 3.8e12

@@ -124,8 +124,8 @@ def test_fp16_survives_a_nan_step_and_the_schedule_counts_only_real_updates(fuse
     collate, state = Collator(whisper.tokenizer, "ko"), TrainState()
     watched = model.model.decoder.layers[-1].fc1.weight
     seen = []
-    for step in range(4):
-        batch = collate(samples()[:4])
+    for step in range(3):
+        batch = collate(samples()[:2])
         if step == 1:
             batch["audio"][0, 100] = float("nan")  # one bad clip: NaN loss, NaN gradients
         before, scale = watched.detach().clone(), accelerator.scaler.get_scale()
@@ -134,4 +134,4 @@ def test_fp16_survives_a_nan_step_and_the_schedule_counts_only_real_updates(fuse
         seen.append((not torch.equal(watched, before), scheduler.scheduler.last_epoch, state.nonfinite_in_a_row,
                      accelerator.scaler.get_scale() < scale))
     # (weights moved, schedule position, non-finite steps in a row, scale backed off)
-    assert seen == [(True, 1, 0, False), (False, 1, 1, True), (True, 2, 0, False), (True, 3, 0, False)]
+    assert seen == [(True, 1, 0, False), (False, 1, 1, True), (True, 2, 0, False)]

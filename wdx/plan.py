@@ -96,6 +96,15 @@ def strategies(c: Counts, gpus: int) -> dict[str, dict[str, float]]:
     }
 
 
+def plan_gib(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int,
+             gpus: int = 1) -> dict[str, float]:
+    """The planned per-GPU total (GiB) for each strategy: what bench.gpu sets beside its measurement."""
+    c = count_params(config, encoder_layers, decoder_layers)
+    act = activation_bytes(c, encoder_layers, decoder_layers)
+    return {name: (s["weights"] + s["grads"] + s["optimizer"] + batch * act + CONTEXT_OVERHEAD) / GIB
+            for name, s in strategies(c, gpus).items()}
+
+
 def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch: int, gpus: int = 1) -> str:
     c = count_params(load_config(base_model), encoder_layers, decoder_layers)
     act = activation_bytes(c, encoder_layers, decoder_layers)

@@ -50,14 +50,19 @@ def build_tokenizer(vocab_size: int = 600) -> WhisperTokenizer:
 
 
 def build(out: str | Path, n_mels: int = 80, d_model: int = 64, layers: int = 4, heads: int = 4,
-          seed: int = 0) -> Path:
-    """Write a loadable tiny Whisper (model, tokenizer, feature extractor) into `out`."""
+          seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write a loadable random-init Whisper (model, tokenizer, feature extractor) into `out`.
+
+    Tiny by default; bench.gpu builds large-v3's geometry with it (d_model 1280, 32 + 32
+    layers, 20 heads, 128 mel bins, `vocab_size` 51866: the model's ids beyond the small
+    tokenizer are filled in by wdx.model, as for real checkpoints missing timestamps).
+    """
     out = Path(out)
     tok = build_tokenizer()
     sot = tok.convert_tokens_to_ids("<|startoftranscript|>")
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     config = WhisperConfig(
-        vocab_size=len(tok) + N_TIMESTAMPS, num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers,
+        vocab_size=vocab_size or len(tok) + N_TIMESTAMPS, num_mel_bins=n_mels, d_model=d_model, encoder_layers=layers,
         decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_source_positions=1500,
         max_target_positions=448, decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
