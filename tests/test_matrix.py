@@ -1,9 +1,12 @@
 """Every shipped CPU config x {fp32, bf16}: train, evaluate, save, resume, export; the freeze holds.
 
-bf16 rows here: one `accelerate launch` that is preempted (SIGTERM) right after saving
-step 2, and one that resumes it, trains step 3, evaluates, saves and writes final/. The fp32
-rows run elsewhere with the same assertions (`check_final`): cpu in test_train_loop.py,
-DDP / ZeRO-2 / ZeRO-3 in test_distributed.py (which also pins their losses to a 1-process run).
+bf16 rows here, two runs each. The first is preempted: rank 0 alone gets SIGTERM while it
+evaluates step 2, the last step of epoch 0, where no save is due; the stop is agreed by
+every rank, step 2 is saved, every rank exits 0. The second resumes it, trains step 3,
+evaluates, saves and writes final/. `cpu` runs in-process (what `cpu.yaml` launches: one
+process, no DeepSpeed), the others under `accelerate launch`. The fp32 rows run elsewhere
+with the same assertions (`check_final`): cpu in test_train_loop.py, DDP / ZeRO-2 / ZeRO-3
+in test_distributed.py, which also pins their losses to a 1-process run.
 """
 
 import json
@@ -75,19 +78,47 @@ def launch(config: str, argv: list[str], env: dict | None = None) -> subprocess.
                           env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.fixture(scope="module")
+def eight_clips(tiny_dataset, tmp_path_factory) -> str:
+    """8 training clips (2 steps per epoch for 2 processes x batch 2) and tiny_dataset's val_small."""
+    from tests.conftest import FORMATS, TEXTS, make_sample
+    from wdx.pack import write_split
+
+    root = tmp_path_factory.mktemp("eight") / "data"
+    write_split(root / "train", [make_sample(f"e{i}", seed=i, text=TEXTS[i % 4], domain=("normal", "dyslexic")[i % 2],
+                                             ext=FORMATS[i % 5][0], rate=FORMATS[i % 5][1]) for i in range(8)],
+                max_count=3)
+    (root / "val_small").symlink_to(Path(tiny_dataset) / "val_small")
+    return str(root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
-def test_bf16_trains_evaluates_saves_resumes_and_exports(config, tiny_dataset, tiny_model, tmp_path):
-    argv = ["--dataset-root", tiny_dataset, "--base-model", tiny_model, "--output-dir", str(tmp_path), "--run-name",
+def test_bf16_trains_evaluates_saves_resumes_and_exports(config, eight_clips, tiny_model, tmp_path, monkeypatch,
+                                                         capsys):
+    argv = ["--dataset-root", eight_clips, "--base-model", tiny_model, "--output-dir", str(tmp_path), "--run-name",
             "m", "--max-steps", "3", "--per-device-train-batch-size", "2", "--num-workers", "0", "--learning-rate",
-            "3e-3", "--warmup-steps", "0", "--logging-steps", "1", "--eval-steps", "2", "--save-steps", "2",
+            "3e-3", "--warmup-steps", "0", "--logging-steps", "1", "--eval-steps", "2", "--save-steps", "4",
             "--generation-max-length", "4", "--train-encoder-layers", str(TRAINED), "--train-decoder-layers",
             str(TRAINED), "--bf16"]
-    first = launch(config, argv, {"WDX_TEST_SIGTERM": "save:2:0"})
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "precision          bf16 (--bf16" in first.stdout and "stopped by SIGTERM at step 2" in first.stdout
-    resumed = launch(config, argv + ["--resume-from-checkpoint", "latest"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    preempt = {"WDX_TEST_SIGTERM": "eval:2:0"}
+    if config == "cpu":
+        import train_loop
+
+        monkeypatch.setenv("WDX_TEST_SIGTERM", preempt["WDX_TEST_SIGTERM"])
+        assert train_loop.main(argv) == 0
+        first = capsys.readouterr().out
+        monkeypatch.delenv("WDX_TEST_SIGTERM")
+        assert train_loop.main(argv + ["--resume-from-checkpoint", "latest"]) == 0
+    else:
+        done = launch(config, argv, preempt)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        first = done.stdout
+        state = json.loads((tmp_path / "m" / "checkpoints" / "step-0000002" / "train_state.json").read_text())
+        assert (state["epoch"], state["micro_in_epoch"]) == (1, 0)  # step 2 closed epoch 0
+        resumed = launch(config, argv + ["--resume-from-checkpoint", "latest"])
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "precision          bf16 (--bf16" in first and "stopped by SIGTERM at step 2" in first
     run = tmp_path / "m"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

@@ -79,7 +79,7 @@ def assert_every_logged_loss_matches(run_dir, reference):
 
 
 def test_kill_during_checkpoint_saving_keeps_the_last_complete_one(reference, tiny_dataset, tiny_model, tmp_path):
-    proc = start(argv(tiny_dataset, tiny_model, tmp_path), env={"WDX_TEST_PAUSE_BEFORE_RENAME": "30"})
+    proc = start(argv(tiny_dataset, tiny_model, tmp_path), env={"WDX_TEST_PAUSE_BEFORE_RENAME": "4:30"})
     ckpts = tmp_path / "r" / "checkpoints"
     wait(lambda: (ckpts / ".tmp-step-0000004").exists() and (ckpts / "step-0000002").exists(), proc)
     time.sleep(0.5)  # inside the pause: everything written, not yet renamed
@@ -207,7 +207,7 @@ def test_soak_every_sample_once_per_epoch_across_a_resume(processes, tiny_datase
     # 24 samples; 1 process x 2 workers (batch 4) or 2 processes x 2 workers (batch 3): 12 or 4 steps per epoch
     batch, per_epoch = (4, 6) if processes == 1 else (3, 4)
     total, cut = 3 * per_epoch, per_epoch + per_epoch // 2  # resume from the middle of epoch 2
-    common = ["--dataset-root", tiny_dataset, "--base-model", tiny_model, "--max-steps", str(total),
+    common = ["--dataset-root", tiny_dataset, "--base-model", tiny_model,
               "--per-device-train-batch-size", str(batch), "--num-workers", "2", "--logging-steps", "1",
               "--eval-steps", str(cut), "--save-steps", str(cut), "--save-total-limit", "5",
               "--generation-max-length", "2", "--max-eval-samples", "2", "--log-sample-keys"]
@@ -221,11 +221,11 @@ def test_soak_every_sample_once_per_epoch_across_a_resume(processes, tiny_datase
                                                                                            "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    run(tmp_path / "a")
+    run(tmp_path / "a", "--max-steps", str(cut))  # the interrupted run: only its first `cut` steps matter
     resumed = tmp_path / "b" / "s" / "checkpoints"
     resumed.mkdir(parents=True)
     os.rename(tmp_path / "a" / "s" / "checkpoints" / f"step-{cut:07d}", resumed / f"step-{cut:07d}")
-    run(tmp_path / "b", "--resume-from-checkpoint", "latest")
+    run(tmp_path / "b", "--max-steps", str(total), "--resume-from-checkpoint", "latest")
     seen = epochs_of_keys([(tmp_path / "a" / "s", range(1, cut + 1)),
                            (tmp_path / "b" / "s", range(cut + 1, total + 1))])
     everything = {f"tr{i:03d}" for i in range(24)}

@@ -113,7 +113,7 @@ def save(accelerator, run_dir: str | Path, step: int, files: dict[str, str]) -> 
     if accelerator.is_main_process:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        faults.before_rename()
+        faults.before_rename(step)
         if final.exists():  # re-saving a step after resume: replace the old copy only now
             shutil.rmtree(final)
         os.replace(tmp, final)
