@@ -337,6 +337,10 @@ def update(cfg: TrainConfig, accelerator: Accelerator, model, optimizer, schedul
     else:
         state.nonfinite_in_a_row = 0
     optimizer.zero_grad(set_to_none=True)
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite:
+        raise FloatingPointError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                 "gradient; lower --learning-rate, use --bf16 instead of --fp16, or check the data "
+                                 "(see --max-nonfinite)")
     return grad_norm, stopping
 
 
@@ -372,10 +376,7 @@ def train(cfg: TrainConfig) -> int:
     config_json = prepare_run_dir(cfg, accelerator)
     whisper, groups = build_model(cfg, accelerator)
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)
-    steps_per_epoch = len(train_ds) // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--grad-accum {cfg.grad_accum}: larger than the {len(train_ds)} micro-batches per epoch")
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_train_epochs
+    steps_per_epoch, total_steps = count_steps(cfg, train_ds)
     optimizer = build_optimizer(cfg, groups, accelerator.device)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
@@ -415,10 +416,6 @@ def train(cfg: TrainConfig) -> int:
         state.step += 1
         meter.add(loss_sum, tokens, micro_batches)
         bar.update()
-        if state.nonfinite_in_a_row >= cfg.max_nonfinite:
-            raise FloatingPointError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
-                                     "or gradient; lower --learning-rate, use --bf16 instead of --fp16, or "
-                                     "check the data (see --max-nonfinite)")
         last = state.step == total_steps
 
         # ---- once in a while: log
@@ -448,16 +445,29 @@ def train(cfg: TrainConfig) -> int:
     if stop.received:
         log.info("stopped by %s at step %d; checkpoint saved; resume with --resume-from-checkpoint latest",
                  stop.received, state.step)
-        accelerator.end_training()
-        return 0
-    log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, batches.skips)) or "none")
+    else:
+        log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, batches.skips)) or "none")
+        finish(cfg, accelerator, model, whisper, config_json, last_eval)
+    accelerator.end_training()
+    return 0
+
+
+def count_steps(cfg: TrainConfig, train: ShardedSamples) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run)."""
+    per_epoch = len(train) // cfg.grad_accum
+    if per_epoch == 0:
+        raise ConfigError(f"--grad-accum {cfg.grad_accum}: larger than the {len(train)} micro-batches per epoch")
+    return per_epoch, cfg.max_steps or per_epoch * cfg.num_train_epochs
+
+
+def finish(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, config_json: str,
+           last_eval: dict | None) -> None:
+    """final/ (full weights, tokenizer, feature extractor, model card), then the Hub upload if asked."""
     final = write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor,
                         Path(cfg.run_dir) / "final", config_json, last_eval["results"] if last_eval else None)
     log.info("final model: %s", final)
     if cfg.push_to_hub and accelerator.is_main_process:
         log.info("pushed to %s", push(final, cfg.hub_model_id, cfg.hub_private))
-    accelerator.end_training()
-    return 0
 
 
 def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper: Whisper, metrics: MetricsLog,
