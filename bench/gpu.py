@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     smoke = args.cpu_smoke
     work = args.work / ("smoke" if smoke else "large-v3")
-    model = build_model(work / "model", smoke)
+    model = build_model(work / ("tiny" if smoke else "model"), smoke)  # bench.run --smoke's, when it is there
     data = make_dataset(work / "data", n_train=args.batch * args.steps, n_val=args.batch * (1 if smoke else 4))
     from transformers import WhisperConfig
 

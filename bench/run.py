@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     # Loader workers are separate processes: on a 2-core machine they compete with the
     # model for the same cores, so both ways are measured with 0 and with 1 worker.
     runs = [("wdx", 0), ("wdx", 1), ("trainer", 0), ("trainer", 1), ("floor", 0)]
+    if args.smoke:  # checks that each way runs; the worker count changes nothing in the code path
+        runs = [r for r in runs if r[1] == 0]
     results["train_step"] = ts = {f"{v}/w{w}": train_step(v, data, model, steps, batch, w) for v, w in runs}
     print(f"\n== training step, {model.name}, batch {batch}, fp32, {steps} steps (median after 2)")
     print(f"{'way/workers':<13}{'samples/s':>11}{'steps/s':>9}{'peak RSS MiB':>14}{'worker RSS MiB':>16}")
     for v, r in ts.items():
         print(f"{v:<13}{r['samples_per_s']:>11.2f}{r['samples_per_s'] / batch:>9.3f}{r['peak_rss_mib']:>14.0f}"
               f"{r['peak_rss_children_mib']:>16.0f}")
-    for w in (0, 1):
+    for w in sorted({w for _, w in runs}):
         ts[f"overhead_w{w}"] = ts["floor/w0"]["samples_per_s"] / ts[f"wdx/w{w}"]["samples_per_s"]
         ts[f"speedup_w{w}"] = ts[f"wdx/w{w}"]["samples_per_s"] / ts[f"trainer/w{w}"]["samples_per_s"]
         print(f"{w} workers: loop overhead (time per step, wdx / floor) {ts[f'overhead_w{w}']:.3f}x; "
