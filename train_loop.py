@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         if cfg.plan:  # before any Accelerator: no device, no weights
+            print(f"precision {cfg.precision()} ({cfg.precision_source}); the figures assume 16-bit activations")
             print(plan_table(cfg.base_model, cfg.train_encoder_layers, cfg.train_decoder_layers,
                              cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
             return 0

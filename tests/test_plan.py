@@ -18,9 +18,11 @@ def test_large_v3_counts_from_its_config_alone():
     assert c.trainable == 4 * enc_block + 4 * (dec_attn + dec_mlp) + 2 * d
 
 
-def test_plan_says_what_fits_on_16_and_24_gib_cards(capsys):
+def test_plan_says_what_fits_on_16_and_24_gib_cards(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch` with a GPU preset
     assert train_loop.main(["--plan", "--base-model", "openai/whisper-large-v3"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("precision bf16 (the accelerate config)")
     assert "16 GiB card" in out and "24 GiB card" in out
     for name in ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload"):
         assert f"\n  {name} " in out
