@@ -135,3 +135,14 @@ def test_fp16_survives_a_nan_step_and_the_schedule_counts_only_real_updates(fuse
                      accelerator.scaler.get_scale() < scale))
     # (weights moved, schedule position, non-finite steps in a row, scale backed off)
     assert seen == [(True, 1, 0, False), (False, 1, 1, True), (True, 2, 0, False)]
+
+
+def test_a_deepspeed_config_written_inline_in_the_yaml_is_reconciled_too(monkeypatch):
+    from wdx.accel import deepspeed_plugin
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # no deepspeed_config_file: the yaml's own fields
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    plugin = deepspeed_plugin(resolved({}, bf16=True, per_device_train_batch_size=3))
+    ds = plugin.deepspeed_config
+    assert (ds["train_micro_batch_size_per_gpu"], ds["bf16"], ds["fp16"]) == (3, {"enabled": True}, {"enabled": False})

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, gather_object
 
-from .config import ConfigError, TrainConfig, read_json
+from .config import ConfigError, TrainConfig, deepspeed_json, launched_with_deepspeed, read_json
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -48,15 +48,19 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def deepspeed_plugin(cfg: TrainConfig) -> DeepSpeedPlugin | None:
-    """The DeepSpeed JSON that `accelerate launch` named, reconciled with the flags, as a
-    plugin; None when not launched with DeepSpeed. Built here rather than by Accelerate so
-    that the resolved precision reaches the JSON before Accelerate reads it."""
-    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or not path:
+    """The DeepSpeed plugin `accelerate launch` asked for, reconciled with the flags; None
+    without DeepSpeed. Built here rather than by Accelerate so that the resolved precision
+    reaches the DeepSpeed JSON before Accelerate reads it."""
+    if not launched_with_deepspeed(os.environ):
         return None
-    ds = read_json(path)
-    reconcile_deepspeed(cfg, ds)
-    return DeepSpeedPlugin(hf_ds_config=ds)
+    path = deepspeed_json(os.environ)
+    if path:
+        ds = read_json(path)
+        reconcile_deepspeed(cfg, ds)
+        return DeepSpeedPlugin(hf_ds_config=ds)
+    plugin = DeepSpeedPlugin()  # deepspeed_config written inline in the accelerate yaml: from the environment
+    reconcile_deepspeed(cfg, plugin.deepspeed_config)
+    return plugin
 
 
 def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:

@@ -188,8 +188,8 @@ def launcher_precision(environ: typing.Mapping[str, str]) -> tuple[str | None, s
     refuses mixed_precision in a yaml that names a deepspeed_config_file); "auto" there
     defers to the accelerate config's mixed_precision, which the launcher exports.
     """
-    ds_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and ds_file:
+    ds_file = deepspeed_json(environ)
+    if ds_file:
         enabled = {name: read_json(ds_file).get(name, {}).get("enabled", "auto") for name in ("bf16", "fp16")}
         chosen = [name for name, on in enabled.items() if on is True]
         if chosen:
@@ -201,6 +201,15 @@ def launcher_precision(environ: typing.Mapping[str, str]) -> tuple[str | None, s
         raise ConfigError(f"mixed_precision {launcher!r} in the accelerate config: this trainer supports "
                           f"{', '.join(PRECISIONS)}")
     return launcher, "the accelerate config"
+
+
+def launched_with_deepspeed(environ: typing.Mapping[str, str]) -> bool:
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_json(environ: typing.Mapping[str, str]) -> str | None:
+    """The DeepSpeed JSON `accelerate launch` named (deepspeed_config_file), if any."""
+    return environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if launched_with_deepspeed(environ) else None
 
 
 def read_json(path: str) -> dict:
