@@ -12,6 +12,7 @@ Everything reusable lives in `wdx/`; this file is the algorithm, top to bottom.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import logging
@@ -31,7 +32,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from wdx import checkpoint, faults
+from wdx import checkpoint, faults, rundir
 from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
@@ -47,6 +48,7 @@ from wdx.shards import DatasetError, load_split
 from wdx.tracking import MetricsLog, flatten_eval, setup_logging
 
 log = logging.getLogger("train_loop")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 # ----------------------------------------------------------------------------- builders
@@ -57,7 +59,7 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper):
     encode = make_text_encoder(whisper.tokenizer, whisper.model.config.max_target_positions)
     common = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                   seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain,
-                  shuffle_block=cfg.shuffle_block, collate=collate, encode_text=encode)
+                  shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode)
     train = ShardedSamples(load_split(cfg.dataset_root, cfg.train_split, cfg.samples_per_shard), train=True,
                            batch_size=cfg.per_device_train_batch_size, **common)
     val = ShardedSamples(load_split(cfg.dataset_root, cfg.eval_split, cfg.samples_per_shard), train=False,
@@ -68,14 +70,25 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper):
 
 
 def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> str:
-    """Refuse or clear an occupied run directory, check Hub credentials, log the config; returns it as JSON."""
+    """Take the run directory (refusing one in use or holding another run, clearing it on
+    --overwrite), check Hub credentials, log the config; returns the config as JSON."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            rundir.check_output_dir(cfg.output_dir)
+            rundir.acquire(cfg.run_dir, cfg.run_name)
+        except (rundir.RunDirError, OSError) as exc:
+            problem = str(exc)
+    if agree(accelerator, problem is not None)[0]:  # every process leaves with the same one line
+        raise rundir.RunDirError(problem or f"--run-name {cfg.run_name}: refused on the main process")
     check_run_dir(cfg)
     if (cfg.login_hf or cfg.push_to_hub) and accelerator.is_main_process:
         log.info("Hugging Face account: %s", check_hub_credentials(verify=cfg.login_hf))
     if accelerator.is_main_process and cfg.overwrite and not cfg.resume_from_checkpoint:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        for entry in Path(cfg.run_dir).iterdir():
+            if entry.name != rundir.LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     accelerator.wait_for_everyone()
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     config_json = cfg.to_json()
     log.info("config:\n%s", config_json)
     return config_json
@@ -151,32 +164,54 @@ def check_run_dir(cfg: TrainConfig) -> None:
                               "--resume-from-checkpoint latest to continue it or --overwrite to start over")
 
 
-def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) -> checkpoint.TrainState:
+def data_layout(cfg: TrainConfig, accelerator: Accelerator, train: ShardedSamples) -> dict:
+    """Everything the loader positions in a checkpoint depend on. --grad-accum is not among
+    them: it only groups micro-batches into steps, so a resume maps it exactly."""
+    return {"processes": accelerator.num_processes, "workers": cfg.num_workers,
+            "batch_size": cfg.per_device_train_batch_size, "shuffle_block": cfg.shuffle_block,
+            "open_shards": cfg.open_shards, "seed": cfg.seed, "train_shards": len(train.split.urls),
+            "train_samples": train.split.total}
+
+
+def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, layout: dict) -> checkpoint.TrainState:
     """Load model/optimizer/scheduler/RNG from the checkpoint to resume, if any, and return
     the loop state (a fresh one when starting from step 0)."""
-    fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers)
+    fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers,
+                                  data_layout=layout)
     resume = resolve_resume(cfg)
     if resume is None:
         return fresh
     checkpoint.check_fingerprint(resume, fingerprint)
-    accelerator.load_state(str(resume))
     state = checkpoint.TrainState.load(resume)
+    load_state(accelerator, resume)
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
              state.micro_in_epoch)
-    if (state.world_size, state.num_workers) != (fresh.world_size, fresh.num_workers):
-        log.warning("checkpoint was written by %d processes x %d workers, now %d x %d: the data position cannot be "
-                    "mapped; epoch %d restarts from its first sample", state.world_size, state.num_workers,
-                    fresh.world_size, fresh.num_workers, state.epoch)
+    saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
+    changed = {k: (v, layout[k]) for k, v in saved.items() if layout.get(k) != v}
+    if changed and state.micro_in_epoch:
+        log.warning("the data position of %s cannot be mapped (%s changed): epoch %d restarts from its first sample, "
+                    "so the samples of that epoch trained before the checkpoint are trained again", resume,
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), state.epoch)
         state.positions, state.micro_in_epoch = [], 0
-        state.world_size, state.num_workers = fresh.world_size, fresh.num_workers
+    state.world_size, state.num_workers, state.data_layout = fresh.world_size, fresh.num_workers, layout
     return state
+
+
+def load_state(accelerator: Accelerator, path: Path) -> None:
+    """accelerator.load_state, with a damaged checkpoint named in one line."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise their own types for bad files
+        log.debug("load_state failed", exc_info=True)
+        raise checkpoint.CheckpointError(f"{path}: cannot be loaded ({str(exc).splitlines()[0][:200]}); "
+                                         "resume from an older checkpoint") from None
 
 
 def export(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, fingerprint: dict,
            config_json: str) -> int:
     """--export CHECKPOINT: load it and write final/."""
     checkpoint.check_fingerprint(cfg.export, fingerprint)
-    accelerator.load_state(cfg.export)
+    load_state(accelerator, Path(cfg.export))
     write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
                 config_json, None)
     return 0
@@ -209,16 +244,30 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_dir():
         raise ConfigError(f"--resume-from-checkpoint {path}: no such checkpoint directory")
+    problem = checkpoint.verify(path)
+    if problem:
+        raise checkpoint.CheckpointError(f"--resume-from-checkpoint {path}: damaged ({problem}); "
+                                         "name an older checkpoint or use 'latest'")
     return path
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0."""
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0.
+
+    `accelerate launch` with one process does not forward signals: a scheduler's SIGTERM
+    kills the launcher and this process would train on unsupervised. So when a launcher
+    started it, this process also asks the (Linux) kernel for a SIGTERM when its parent
+    dies (PR_SET_PDEATHSIG). Not when started from a shell: `nohup python train_loop.py`
+    must survive the shell.
+    """
 
     def __init__(self) -> None:
         self.received: str | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        launched = "ACCELERATE_USE_CPU" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ  # simple / torchrun
+        if launched and sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
@@ -241,6 +290,7 @@ class StepBatches:
         self.usable = len(dataset) // cfg.grad_accum * cfg.grad_accum
         starts = state.starts_for(accelerator.process_index) if state.micro_in_epoch else None
         self.positions = starts or self._fresh()
+        self.left = 0  # micro-batches still to read in this epoch
         self.skips = Counter(state.skips if accelerator.is_main_process else {})
         self.batches = None
         self.keys_log = (open(Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl", "a",
@@ -251,9 +301,14 @@ class StepBatches:
 
     def next(self) -> list[dict]:
         state = self.state
-        if self.batches is None:  # start (or resume into) an epoch
+        while self.batches is None:  # start (or resume into) an epoch
+            # whole steps only; a resume with a larger --grad-accum may find the epoch already done
+            self.left = (self.usable - state.micro_in_epoch) // self.cfg.grad_accum * self.cfg.grad_accum
+            if self.left <= 0:
+                self._end_epoch()
+                continue
             self.dataset.set_epoch(state.epoch, self.positions if state.micro_in_epoch else None)
-            self.batches = itertools.islice(self.loader, self.usable - state.micro_in_epoch)
+            self.batches = itertools.islice(self.loader, self.left)
         group = [next(self.batches) for _ in range(self.cfg.grad_accum)]
         for batch in group:
             self.positions[batch["worker"]] = batch["resume"]
@@ -262,7 +317,8 @@ class StepBatches:
                 self.keys_log.write(json.dumps({"epoch": state.epoch, "step": state.step + 1,
                                                 "keys": batch["key"]}) + "\n")
         state.micro_in_epoch += len(group)
-        if state.micro_in_epoch >= self.usable:
+        self.left -= len(group)
+        if self.left == 0:
             self._end_epoch()
         return group
 
@@ -388,7 +444,7 @@ def train(cfg: TrainConfig) -> int:
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
     dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
     n_mels = whisper.model.config.num_mel_bins
-    state = resume_state(cfg, accelerator, fingerprint)
+    state = resume_state(cfg, accelerator, fingerprint, data_layout(cfg, accelerator, train_ds))
     if cfg.export:
         return export(cfg, accelerator, model, whisper, fingerprint, config_json)
     if cfg.debug_step:
@@ -483,6 +539,8 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
         pad_to = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
     out = evaluate(accelerator, model, loader, whisper.tokenizer, n_mels=whisper.model.config.num_mel_bins,
                    max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to)
+    if not out["rows"]:
+        raise DatasetError(f"{cfg.eval_split}: no usable sample to evaluate (skipped: {out['skips'] or 'none'})")
     out["step"], seconds = step, time.perf_counter() - t0
     metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"]), "eval/seconds": seconds,
                          "eval/samples_per_s": len(out["rows"]) / seconds})
@@ -521,9 +579,12 @@ def main(argv: list[str] | None = None) -> int:
                              cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         return train(cfg)
-    except (ConfigError, DatasetError, ModelLoadError, checkpoint.CheckpointError) as exc:
+    except (ConfigError, DatasetError, ModelLoadError, checkpoint.CheckpointError, rundir.RunDirError) as exc:
         print(f"train_loop.py: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if cfg.run_name is not None:
+            rundir.release(cfg.run_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from wdx.config import ConfigError, TrainConfig
 def make(run, *names):
     for n in names:
         (run / "checkpoints" / n).mkdir(parents=True)
+        (run / "checkpoints" / n / checkpoint.STATE_FILE).write_text("{}")
 
 
 def test_half_written_checkpoints_are_never_latest_and_never_push_good_ones_out(tmp_path):

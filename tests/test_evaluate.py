@@ -66,7 +66,9 @@ def test_bad_inputs_fail_in_one_line(tiny_final, tmp_path):
     r = subprocess.run([sys.executable, "-m", "wdx.evaluate", tiny_final, "--list", str(listing)],
                        capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith(f"wdx.evaluate: error: {tmp_path}/missing.wav:")
+    assert f"wdx.evaluate: skipped {tmp_path}/missing.wav:" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"wdx.evaluate: error: {listing}: no usable sample "
+                                                 "(skipped: {'unreadable_file': 1})")
     listing.write_text(json.dumps({"audio_path": "a.wav", "text": "x", "domain": "kids"}) + "\n")
     assert evaluate.main([tiny_final, "--list", str(listing)]) == 1
     assert evaluate.main([tiny_final, "--dir", str(tmp_path)]) == 1  # --dir needs --domain

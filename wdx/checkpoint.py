@@ -6,6 +6,9 @@ data position, best CER), model_fingerprint.json and train_config.json. A
 checkpoint is written as RUN/checkpoints/.tmp-step-0000120 and renamed when every process
 has finished writing, so a `step-*` directory is always complete: a crash mid-save leaves
 only a `.tmp-*` that is never picked as latest and never pushes a good one out of rotation.
+`manifest.json`, written last, holds every file's size: a checkpoint damaged later (a
+truncated copy, a full disk on a synced volume) is recognised before anything is loaded,
+and `latest` falls back to the newest intact one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
 STATE_FILE, FINGERPRINT_FILE, CONFIG_FILE = "train_state.json", "model_fingerprint.json", "train_config.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -48,6 +52,7 @@ class TrainState:
     positions: list = field(default_factory=list)  # [rank][worker] -> [batches, block, offset]
     world_size: int = 1
     num_workers: int = 0
+    data_layout: dict = field(default_factory=dict)  # what `positions` depend on (see train_loop.data_layout)
     best_cer: float | None = None
     best_step: int | None = None
     skips: dict = field(default_factory=dict)  # skipped samples by reason, all ranks, whole run
@@ -61,7 +66,10 @@ class TrainState:
         path = Path(checkpoint) / STATE_FILE
         if not path.exists():
             raise CheckpointError(f"{checkpoint}: no {STATE_FILE}; not a checkpoint written by train_loop.py")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{checkpoint}: {STATE_FILE} is unreadable ({exc})") from None
 
     def starts_for(self, rank: int) -> list[Position] | None:
         """This rank's per-worker resume positions, or None to start the epoch afresh."""
@@ -88,8 +96,42 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
+    """The newest complete checkpoint that passes `verify`; damaged newer ones are logged and passed over."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def verify(path: str | Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None. Checkpoints written before manifests
+    existed are checked for their loop state only."""
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    sizes = {}
+    if manifest.exists():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except ValueError:
+            return f"{MANIFEST_FILE} is unreadable"
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc.__class__.__name__})"
+    return None
+
+
+def write_manifest(path: Path) -> None:
+    sizes = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    (path / MANIFEST_FILE).write_text(json.dumps(sizes, indent=1))
 
 
 def step_of(path: str | Path) -> int:
@@ -101,24 +143,59 @@ def step_of(path: str | Path) -> int:
 
 def save(accelerator, run_dir: str | Path, step: int, files: dict[str, str]) -> Path:
     """Write the checkpoint for `step` atomically, with `files` (name -> text) beside
-    accelerate's state; every process must call this."""
+    accelerate's state; every process must call this.
+
+    A write that fails on any process (a full disk, a vanished mount) is agreed on by all of
+    them, the partial copy is removed, and every process raises the same one-line
+    CheckpointError; the previous checkpoints are untouched. On a full disk torch raises a
+    RuntimeError and safetensors its own error, not OSError, hence the broad catch (the
+    traceback goes to the debug log).
+    """
+    from .accel import agree  # accel imports torch.distributed helpers; keep this module light
+
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash at this very step
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash at this very step
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.debug("checkpoint write failed", exc_info=True)
+        error = exc
     accelerator.wait_for_everyone()  # every rank's files (RNG states, ZeRO shards) are in tmp
+    if accelerator.is_main_process and error is None:
+        try:
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+            write_manifest(tmp)
+        except OSError as exc:
+            error = exc
+    if agree(accelerator, error is not None)[0]:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(save_failure(run_dir, step, error))
     if accelerator.is_main_process:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
         faults.before_rename(step)
         if final.exists():  # re-saving a step after resume: replace the old copy only now
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_failure(run_dir: str | Path, step: int, error: Exception | None) -> str:
+    """One line: what failed, how much room there is and is needed, what is still there."""
+    where = checkpoints_dir(run_dir)
+    previous = latest(run_dir)
+    what = "failed on another process" if error is None else str(error).splitlines()[0][:200]
+    free = shutil.disk_usage(where).free / 2**30
+    size = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) / 2**30 if previous else None
+    room = f"{free:.2f} GiB free" + (f", a checkpoint takes {size:.2f} GiB" if size is not None else "")
+    kept = f"{previous.name} is intact; resume from it" if previous else "no earlier checkpoint exists"
+    return f"saving checkpoint step {step} in {where} failed ({what}); {room}; {kept}"
 
 
 def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -45,6 +46,9 @@ class TrainConfig:
     eval_split: str = opt("val_small", "evaluation split directory under --dataset-root", group="data")
     shuffle_block: int = opt(256, "training samples shuffled together (raw bytes held per loader worker)",
                              group="data")
+    open_shards: int = opt(4, "parts of its range each training loader worker reads side by side, one open shard "
+                           "each, so a batch mixes shards written speaker by speaker or domain by domain",
+                           group="data")
     num_workers: int = opt(2, "data loader worker processes per training process", group="data")
     persistent_workers: bool = opt(False, "keep loader workers alive between epochs", group="data")
     max_eval_samples: int | None = opt(None, "evaluate on at most this many samples (default: all)", group="data")
@@ -132,9 +136,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"--{flag(name)} is required")
         if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
             raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain directory name")
+    for f in dataclasses.fields(cfg):  # argparse's float() takes "nan" and "inf"
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{flag(f.name)}: must be a finite number (got {value})")
     positive = ("target_sr", "per_device_train_batch_size", "per_device_eval_batch_size", "grad_accum",
                 "num_train_epochs", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
-                "shuffle_block", "generation_max_length", "max_nonfinite")
+                "shuffle_block", "open_shards", "generation_max_length", "max_nonfinite")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")

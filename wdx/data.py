@@ -1,7 +1,8 @@
 """The WebDataset pipeline: shards -> decoded, resampled, labelled samples -> batches.
 
 Stages, in order (each a plain generator, testable alone):
-    read_slot      raw tar samples of this slot's range, skipping before any decoding
+    read_slot      raw tar samples of this slot's range from several open shards at once
+                   (interleaved, so batches mix shards), skipping before any decoding
     block_shuffle  seeded shuffle in fixed blocks, so a position can be resumed exactly
     decode         bytes -> mono float32 at the target rate, text, domain
     tokenize       label ids (optional), dropping transcripts the decoder cannot hold
@@ -14,6 +15,7 @@ can report them for the whole run, workers and ranks included.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, tar_file_expander
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
 from .domains import DOMAINS
@@ -95,48 +97,111 @@ def iter_shard(url: str) -> Iterator[dict]:
     """Raw samples (dicts of member bytes by extension) of one tar shard, in tar order."""
     stream = open_url(url)
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-        yield from group_by_keys(files)
+        yield from group_members(tar_file_expander([{"url": url, "stream": stream}], eof_value=None), url)
     finally:
         stream.close()
 
 
-def read_slot(split: Split, segments: list, length: int, first: int, skips: Skips,
-              repeat: bool) -> Iterator[tuple[int, dict]]:
-    """Yield (index, raw sample) for the slot's samples, from stream index `first` on.
+def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
+    """Tar members -> samples, as webdataset's group_by_keys does, except for duplicates.
 
-    Indices count plan positions, not yielded samples, so a short or broken shard never
-    shifts the positions after it. With `repeat`, the range is read again and again (index
-    keeps growing), which lets a training slot that lost samples still fill its batches.
+    group_by_keys raises on a sample with two members of one extension (`a.wav` + `a.WAV`),
+    which ends the shard: every later sample would be lost. Here such a sample, and a key
+    that comes back later in the shard, is marked `__skip__` and counted as one skip, and
+    the shard goes on. Keys keep their plan positions, so nothing after them shifts.
     """
-    passes = range(first // length, 2**62) if repeat else range(first // length, 1)
-    for n_pass in passes:
-        base = n_pass * length
+    seen: set[str] = set()
+    current: dict | None = None
+    for member in files:
+        key, ext = base_plus_ext(member["fname"])
+        if key is None:
+            continue  # a member without an extension (e.g. a directory entry)
+        ext = ext.lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+            if key in seen:
+                current["__skip__"] = "duplicate_key: this key occurs earlier in the shard"
+            seen.add(key)
+        if ext in current:
+            current["__skip__"] = f"duplicate_key: two .{ext} members"
+        else:
+            current[ext] = member["data"]
+    if current is not None:
+        yield current
+
+
+def stream_length(length: int, lanes: int) -> int:
+    """Stream indices per pass over a slot of `length` samples read through `lanes` lanes."""
+    return lanes * math.ceil(length / lanes)
+
+
+def read_slot(split: Split, segments: list, length: int, first: int, skips: Skips, repeat: bool,
+              lanes: int = 1) -> Iterator[tuple[int, dict]]:
+    """Yield (stream index, raw sample) for the slot's samples, from stream index `first` on.
+
+    The slot's range is cut into `lanes` contiguous parts read side by side, one open shard
+    each: sample t of lane j has stream index t * lanes + j, so consecutive indices (and the
+    shuffle blocks made of them) hold samples of `lanes` different parts of the range. Real
+    corpora are often written speaker by speaker or domain by domain; one lane would make
+    every batch single-speaker. Indices count plan positions, not yielded samples, so a
+    short or broken shard never shifts the positions after it. With `repeat`, the range is
+    read again and again (index keeps growing by `stream_length` a pass), which lets a
+    training slot that lost samples still fill its batches.
+    """
+    period = stream_length(length, lanes)
+    parts = [cut_segments(segments, j * length // lanes, (j + 1) * length // lanes) for j in range(lanes)]
+    for n_pass in range(first // period, 2**62 if repeat else 1):
+        base = n_pass * period
+        start = max(0, first - base)
+        streams = [((base + t * lanes + j, sample) for t, sample in
+                    read_segments(split, part, max(0, -(-(start - j) // lanes)), skips))
+                   for j, part in enumerate(parts)]
         yielded = 0
-        for seg_base, seg in _segment_offsets(segments):
-            if base + seg_base + (seg.stop - seg.start) <= first:
-                continue  # whole segment before the resume point: not even opened
-            url = split.urls[seg.shard]
-            seen = 0
-            try:
-                for i, sample in enumerate(iter_shard(url)):
-                    if i >= seg.stop:
-                        break
-                    seen = i + 1
-                    index = base + seg_base + i - seg.start
-                    if i < seg.start or index < first:
-                        continue  # skipped before decoding
-                    yielded += 1
-                    yield index, sample
-                else:
-                    if seen < seg.stop:
-                        skips.skip("count_mismatch", _shard_name(url), "-", f"ended after {seen} samples; "
-                                   f"metadata.json says {split.counts[seg.shard]}")
-            except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
-        if yielded == 0 and n_pass > first // length:
+        for index, sample in heapq.merge(*streams, key=lambda item: item[0]):
+            yielded += 1
+            yield index, sample
+        if yielded == 0 and n_pass > first // period:
             raise DatasetError(f"{split.name}: a slot's shards yielded no samples at all "
                                f"({', '.join(_shard_name(split.urls[s.shard]) for s in segments)})")
+
+
+def cut_segments(segments: list, lo: int, hi: int) -> list:
+    """The part [lo, hi) of a slot's range (positions counted from the range's start), as segments."""
+    out = []
+    for offset, seg in _segment_offsets(segments):
+        a, b = max(lo, offset), min(hi, offset + seg.stop - seg.start)
+        if a < b:
+            out.append(type(seg)(seg.shard, seg.start + a - offset, seg.start + b - offset))
+    return out
+
+
+def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Iterator[tuple[int, dict]]:
+    """(position within `segments`, raw sample) from position `first` on, one shard open at a time."""
+    for seg_base, seg in _segment_offsets(segments):
+        if seg_base + (seg.stop - seg.start) <= first:
+            continue  # whole segment before the resume point: not even opened
+        url, declared = split.urls[seg.shard], split.counts[seg.shard]
+        seen = 0
+        try:
+            for i, sample in enumerate(iter_shard(url)):
+                if i >= seg.stop:
+                    if seg.stop == declared:
+                        skips.skip("count_mismatch", _shard_name(url), sample["__key__"],
+                                   f"more samples than the {declared} metadata.json says; the rest are not read")
+                    break
+                seen = i + 1
+                position = seg_base + i - seg.start
+                if i < seg.start or position < first:
+                    continue  # skipped before decoding
+                yield position, sample
+            else:
+                if seen < seg.stop:
+                    skips.skip("count_mismatch", _shard_name(url), "-", f"ended after {seen} samples; "
+                               f"metadata.json says {declared}")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
 
 
 def _first_arg(exc: Exception) -> str:
@@ -211,6 +276,8 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
 
     `target_sr=None` keeps the source rate (for `wdx.inspect`, which only measures).
     """
+    if "__skip__" in raw:
+        return raw["__skip__"]
     ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
     if ext is None:
         members = [k for k in raw if not k.startswith("__") and k not in ("txt", "json", "domain")]
@@ -225,6 +292,8 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if not text:
         return "empty_transcript"
     domain = resolve_domain(raw, split_domain, default_domain)
+    if domain is not None and domain.startswith("bad_sample_json:"):
+        return domain
     if domain not in DOMAINS:
         return f"{'no_domain' if domain is None else 'unknown_domain'}: {domain!r}"
     try:
@@ -247,15 +316,23 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
 
 
 def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:
-    """Sample (`domain` member or json "domain") -> split's metadata.json -> --default-domain."""
+    """Sample (`domain` member or json "domain") -> split's metadata.json -> --default-domain.
+
+    A sample .json that cannot be read returns the verdict "bad_sample_json: ...": falling
+    back to the split's domain would train a dyslexic reader's clip as a typical one.
+    """
     if "domain" in raw:
         return raw["domain"].decode("utf-8", "replace").strip()
     if "json" in raw:
         try:
-            meta = json.loads(raw["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-        if isinstance(meta, dict) and meta.get("domain") is not None:
+            meta = json.loads(raw["json"].decode("utf-8"))
+        except UnicodeDecodeError:
+            return "bad_sample_json: not UTF-8"
+        except json.JSONDecodeError as exc:
+            return f"bad_sample_json: {exc}"
+        if not isinstance(meta, dict):
+            return f"bad_sample_json: a {type(meta).__name__}, not an object"
+        if meta.get("domain") is not None:
             return str(meta["domain"])
     return split_domain or default_domain
 
@@ -265,13 +342,16 @@ def batched(src: Iterable[dict], sizes: list[int] | None, batch_size: int, colla
     """Group samples into batches: exactly `sizes` when given (train), else all, by `batch_size`.
 
     Each batch carries the skip counts since the previous one and, for resuming, the
-    stream position just after its last sample.
+    stream position just after its last sample. Skips after an evaluation slot's last
+    sample come in a final batch with no samples (`"empty": True`).
     """
     src = iter(src)
     plan = iter(sizes) if sizes is not None else iter(lambda: batch_size, None)
     for k, size in enumerate(plan, start=done + 1):
         samples = [s for _, s in zip(range(size), src)]
         if not samples:
+            if skips.counts:  # skips after the last sample: an empty batch carries them
+                yield {"skips": skips.take(), "empty": True}
             return
         batch = collate(samples)
         batch["skips"] = skips.take()
@@ -319,13 +399,14 @@ class ShardedSamples(torch.utils.data.IterableDataset):
 
     def __init__(self, split: Split, *, rank: int, world_size: int, num_workers: int, batch_size: int,
                  train: bool, seed: int, target_sr: int, default_domain: str | None,
-                 shuffle_block: int, collate: Callable = default_collate,
+                 shuffle_block: int, open_shards: int = 1, collate: Callable = default_collate,
                  encode_text: Callable[[str], list[int] | str] | None = None) -> None:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.workers = max(1, num_workers)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.target_sr, self.default_domain = target_sr, default_domain
         self.shuffle_block = shuffle_block if train else 1
+        self.lanes = open_shards if train else 1  # evaluation order does not matter
         self.collate, self.encode_text = collate, encode_text
         self._epoch = mp.Value("q", 0, lock=False)
         self._start = mp.Array("q", [0] * (3 * self.workers + 1), lock=False)
@@ -375,11 +456,11 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         length = end - begin
         sizes = batch_sizes(length, self.batch_size)[start.batches:] if self.train else None
         skips = Skips(give_up_after=length + self.shuffle_block if self.train else None)
-        length = max(length, 1)  # an eval slot may be empty
+        period = stream_length(max(length, 1), self.lanes)  # an eval slot may be empty
+        first = block_start(start.block, period, self.shuffle_block)
         pipeline = wds.DataPipeline(
-            lambda: read_slot(self.split, segments, length, block_start(start.block, length, self.shuffle_block),
-                              skips, repeat=self.train),
-            lambda src: block_shuffle(src, length, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
+            lambda: read_slot(self.split, segments, max(length, 1), first, skips, repeat=self.train, lanes=self.lanes),
+            lambda src: block_shuffle(src, period, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
             lambda src: decode(src, target_sr=self.target_sr, split_domain=self.split.domain,
                                default_domain=self.default_domain, skips=skips),
             lambda src: tokenize(src, self.encode_text, skips),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,12 +52,41 @@ def read_clip(path: Path, target_sr: int = 16000):
     return resample(to_mono(frames), rate, target_sr)
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or an InputError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
+
+
+def list_rows(path: Path) -> list:
+    """The entries of a JSON array or JSONL file, or an InputError naming the file and line."""
+    raw = read_text(path)
+    try:
+        if raw.lstrip().startswith("["):
+            return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    rows = []
+    for n, line in enumerate(raw.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
 def list_items(path: Path) -> list[dict]:
     """JSON array or JSONL of {audio_path, text, domain}; paths relative to the list's folder."""
-    raw = path.read_text(encoding="utf-8")
-    rows = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines() if x.strip()]
     items = []
-    for n, row in enumerate(rows, start=1):
+    for n, row in enumerate(list_rows(path), start=1):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: entry {n} is a {type(row).__name__}, not an object with audio_path, text, "
+                             "domain")
         missing = [k for k in ("audio_path", "text", "domain") if not row.get(k)]
         if missing:
             raise InputError(f"{path}: entry {n} lacks {', '.join(missing)}")
@@ -73,26 +104,49 @@ def dir_items(folder: Path, domain: str) -> list[dict]:
         ref = audio.with_suffix(".txt")
         if not ref.exists():
             raise InputError(f"{audio}: no reference {ref.name} next to it")
-        items.append(dict(key=audio.stem, path=audio, text=normalize_text(ref.read_text(encoding="utf-8")),
-                          domain=domain))
+        items.append(dict(key=audio.stem, path=audio, text=normalize_text(read_text(ref)), domain=domain))
     if not items:
         raise InputError(f"{folder}: no audio files")
     return items
 
 
-def file_batches(items: list[dict], batch_size: int) -> Iterator[list[dict]]:
+def check_output(path: Path | None, flag: str = "--json") -> None:
+    """Fail before any work when results could not be written at the end."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; name a file")
+    if not path.parent.is_dir():
+        raise InputError(f"{flag} {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{flag} {path}: directory {path.parent} is not writable")
+
+
+def file_batches(items: list[dict], batch_size: int, skipped: Counter) -> Iterator[list[dict]]:
+    """Batches of items with their audio; an unreadable clip is reported, counted and left out."""
     for i in range(0, len(items), batch_size):
-        chunk = items[i: i + batch_size]
-        yield [dict(item, audio=read_clip(item["path"])) for item in chunk]
+        batch = []
+        for item in items[i: i + batch_size]:
+            try:
+                batch.append(dict(item, audio=read_clip(item["path"])))
+            except InputError as exc:
+                print(f"wdx.evaluate: skipped {exc}", file=sys.stderr)
+                skipped["unreadable_file"] += 1
+        if batch:
+            yield batch
 
 
-def dataset_batches(root: str, split: str, batch_size: int, workers: int, default_domain: str | None):
+def dataset_batches(root: str, split: str, batch_size: int, workers: int, default_domain: str | None,
+                    skipped: Counter):
+    """Batches of decoded samples; every skipped sample is counted into `skipped` by reason."""
     ds = ShardedSamples(load_split(root, split), rank=0, world_size=1, num_workers=workers, batch_size=batch_size,
                         train=False, seed=0, target_sr=16000, default_domain=default_domain, shuffle_block=1,
                         collate=lambda samples: {"samples": samples})
     ds.set_epoch(0)
     for batch in make_loader(ds, workers):
-        yield batch["samples"]
+        skipped.update(batch["skips"])
+        if not batch.get("empty"):
+            yield batch["samples"]
 
 
 def run(transcriber: Transcriber, batches, total: int | None, compare: bool) -> list[dict]:
@@ -144,22 +198,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     quiet_libraries()
+    skipped: Counter = Counter()
     try:
         if args.dir and not args.domain:
             raise InputError("--dir needs --domain (the clips' speaker domain)")
-        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
+        check_output(args.json)
         if args.dataset:
             total = load_split(args.dataset, args.split).total
-            batches = dataset_batches(args.dataset, args.split, args.batch_size, args.num_workers, args.domain)
+            batches = dataset_batches(args.dataset, args.split, args.batch_size, args.num_workers, args.domain,
+                                      skipped)
         else:
             items = list_items(args.list) if args.list else dir_items(args.dir, args.domain)
-            total, batches = len(items), file_batches(items, args.batch_size)
+            total, batches = len(items), file_batches(items, args.batch_size, skipped)
+        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
         rows = run(transcriber, batches, total, args.compare_domains)
+        if not rows:
+            where = f"{args.dataset} split {args.split}" if args.dataset else str(args.list or args.dir)
+            raise InputError(f"{where}: no usable sample (skipped: {dict(skipped) or 'none'})")
     except (InputError, DatasetError, ValueError, OSError) as exc:
         print(f"wdx.evaluate: error: {exc}", file=sys.stderr)
         return 1
     results = by_domain(rows)
-    report = {"model": str(args.model), "domain_prompt": transcriber.has_domains, "results": results, "samples": rows}
+    report = {"model": str(args.model), "domain_prompt": transcriber.has_domains, "results": results,
+              "skipped": dict(skipped), "samples": rows}
+    if skipped:
+        print(f"skipped samples (not in the table): {dict(skipped)}")
     print(format_table(results, title=f"{args.model} ({'with' if transcriber.has_domains else 'without'} "
                                       "domain prompt)"))
     if args.compare_domains:
@@ -169,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['prompt_dyslexic']:.4f}; text changed for {r['changed']}/{r['n']}")
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=1))
-    return 0
+    return 1 if skipped["unreadable_file"] else 0  # a file the user named; dataset skips are counted, as in training
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
             break
         for reason, n in batch["skips"].items():
             skips[reason] = skips.get(reason, 0) + n
+        if batch.get("empty"):
+            continue  # only the skips after a slot's last sample
         last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss, n, hyps = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
         loss_sum += loss

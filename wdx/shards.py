@@ -59,9 +59,15 @@ def open_url(url: str) -> IO[bytes]:
     scheme = url.split(":", 1)[0] if is_url(url) else ""
     if not scheme or scheme in wds.gopen_schemes or scheme == "file":
         return wds.gopen(url, "rb")
-    import fsspec  # s3://, gcs://, az:// ...: needs the matching fsspec backend installed
+    try:  # s3://, gcs://, az:// ...: needs fsspec and the matching backend (s3fs, gcsfs, adlfs)
+        import fsspec
 
-    return fsspec.open(url, "rb").open()
+        return fsspec.open(url, "rb").open()
+    except ImportError as exc:
+        raise DatasetError(f"{url}: reading {scheme}:// needs a package that is not installed ({exc.msg}); "
+                           f"install fsspec and its {scheme} backend") from None
+    except ValueError as exc:  # fsspec: "Protocol not known"
+        raise DatasetError(f"{url}: {exc}") from None
 
 
 def _read_metadata(url: str) -> dict | None:
@@ -86,6 +92,9 @@ def _parse_shards(meta: dict, url: str) -> tuple[list[str], list[int]]:
     for i, entry in enumerate(meta["shards"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
             raise DatasetError(f"{url}: shards[{i}] has no 'filename'")
+        if entry["filename"] in names:
+            raise DatasetError(f"{url}: shards[{i}] ({entry['filename']}) is listed twice; its samples would be "
+                               "trained twice per epoch")
         n = entry.get("samples")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DatasetError(f"{url}: shards[{i}] ({entry['filename']}) has no valid 'samples' count")
@@ -106,7 +115,11 @@ def _list_local_shards(split_dir: str) -> list[str]:
 
 def _shard_url(root: str, split: str, name: str) -> str:
     if root.startswith("pipe:"):
-        return root.format(f"{split}/{name}")
+        try:
+            return root.format(f"{split}/{name}")
+        except (IndexError, KeyError, ValueError):
+            raise DatasetError(f"--dataset-root {root!r}: a pipe: root takes exactly one '{{}}' for the file path; "
+                               "write other braces as '{{' and '}}'") from None
     return join(root, split, name)
 
 
@@ -136,5 +149,10 @@ def load_split(root: str, split: str, samples_per_shard: int | None = None) -> S
         if missing:
             raise DatasetError(f"{os.path.join(root, split, missing[0])}: listed in {METADATA} but missing"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        unlisted = sorted(set(_list_local_shards(os.path.join(root, split))) - set(names))
+        if meta is not None and unlisted:
+            log.warning("%s: %d .tar file(s) in the split are not listed in %s and will not be read: %s",
+                        os.path.join(root, split), len(unlisted), METADATA,
+                        ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""))
     urls = tuple(_shard_url(root, split, n) for n in names)
     return Split(name=split, urls=urls, counts=tuple(counts), domain=domain)

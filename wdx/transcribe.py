@@ -3,7 +3,8 @@
     python -m wdx.transcribe MODEL AUDIO [AUDIO ...] --domain dyslexic [--compare-domains] [--json OUT]
 
 Prints one line per file (its hypothesis); --compare-domains decodes each file with every
-domain token. No references needed (for scored evaluation use wdx.evaluate).
+domain token. No references needed (for scored evaluation use wdx.evaluate). A file that
+cannot be read is reported and left out; the rest are transcribed and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .domains import DOMAINS
-from .evaluate import InputError, read_clip
+from .evaluate import InputError, check_output, read_clip
 from .inference import Transcriber
 from .tracking import quiet_libraries
 
@@ -34,13 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     quiet_libraries()
+    failed = []
     try:
+        check_output(args.json)
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
         domains = DOMAINS if args.compare_domains else (args.domain,)
         results = []
         for i in range(0, len(args.audio), args.batch_size):
-            paths = args.audio[i: i + args.batch_size]
-            clips = [read_clip(p) for p in paths]
+            paths, clips = [], []
+            for path in args.audio[i: i + args.batch_size]:
+                try:
+                    clips.append(read_clip(path))
+                    paths.append(path)
+                except InputError as exc:
+                    print(f"wdx.transcribe: skipped {exc}", file=sys.stderr, flush=True)
+                    failed.append({"audio": str(path), "error": str(exc)})
+            if not clips:
+                continue
             by_domain = {d: transcriber(clips, [d] * len(clips)) for d in domains}
             for j, path in enumerate(paths):
                 results.append({"audio": str(path), **{f"hyp_{d}": by_domain[d][j] for d in domains}})
@@ -49,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wdx.transcribe: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        args.json.write_text(json.dumps(results, ensure_ascii=False, indent=1))
-    return 0
+        args.json.write_text(json.dumps(results + failed, ensure_ascii=False, indent=1))
+    if failed:
+        print(f"wdx.transcribe: {len(failed)} of {len(args.audio)} files could not be read (see above)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
