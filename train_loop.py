@@ -189,7 +189,7 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, 
     saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
     changed = {k: (v, layout[k]) for k, v in saved.items() if layout.get(k) != v}
     if changed and state.micro_in_epoch:
-        log.warning("the data position of %s cannot be mapped (%s changed): epoch %d restarts from its first sample, "
+        log.warning("the data position of %s cannot be mapped (changed: %s): epoch %d restarts from its first sample, "
                     "so the samples of that epoch trained before the checkpoint are trained again", resume,
                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), state.epoch)
         state.positions, state.micro_in_epoch = [], 0
@@ -462,42 +462,44 @@ def train(cfg: TrainConfig) -> int:
                disable=not accelerator.is_local_main_process)
     model.train()
 
-    while state.step < total_steps:
-        # ---- forward + backward over the step's micro-batches, then one update
-        micro_batches = batches.next()
-        lr = scheduler.get_last_lr()[0]
-        loss_sum, tokens = forward_backward(accelerator, model, micro_batches, n_mels, dtype)
-        grad_norm, stopping = update(cfg, accelerator, model, optimizer, scheduler, trainable, loss_sum, state,
-                                     stop.received is not None)
-        state.step += 1
-        meter.add(loss_sum, tokens, micro_batches)
-        bar.update()
-        last = state.step == total_steps
+    try:  # the bar is closed on every way out, so an error line starts on a line of its own
+        while state.step < total_steps:
+            # ---- forward + backward over the step's micro-batches, then one update
+            micro_batches = batches.next()
+            lr = scheduler.get_last_lr()[0]
+            loss_sum, tokens = forward_backward(accelerator, model, micro_batches, n_mels, dtype)
+            grad_norm, stopping = update(cfg, accelerator, model, optimizer, scheduler, trainable, loss_sum, state,
+                                         stop.received is not None)
+            state.step += 1
+            meter.add(loss_sum, tokens, micro_batches)
+            bar.update()
+            last = state.step == total_steps
 
-        # ---- once in a while: log
-        if state.step % cfg.logging_steps == 0 or last:
-            record = meter.record(accelerator, grad_norm, lr, state.epoch + state.micro_in_epoch / batches.usable)
-            metrics.write(state.step, record)
-            bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}",
-                            sps=f"{record['train/samples_per_s']:.1f}")
+            # ---- once in a while: log
+            if state.step % cfg.logging_steps == 0 or last:
+                record = meter.record(accelerator, grad_norm, lr, state.epoch + state.micro_in_epoch / batches.usable)
+                metrics.write(state.step, record)
+                bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}",
+                                sps=f"{record['train/samples_per_s']:.1f}")
 
-        # ---- once in a while: evaluate, checkpoint (and checkpoint on a stop request)
-        evaluated = state.step % cfg.eval_steps == 0 or last
-        if evaluated:
-            last_eval = run_eval(cfg, accelerator, model, eval_loader, whisper, metrics, state.step)
-        saved = state.step % cfg.save_steps == 0 or last or stopping
-        if saved:
-            save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
-        # a signal that arrived during this eval or save is agreed on before anyone leaves
-        if (evaluated or saved) and not stopping and agree(accelerator, stop.received is not None)[0]:
-            stopping = True
-            if not saved:
+            # ---- once in a while: evaluate, checkpoint (and checkpoint on a stop request)
+            evaluated = state.step % cfg.eval_steps == 0 or last
+            if evaluated:
+                last_eval = run_eval(cfg, accelerator, model, eval_loader, whisper, metrics, state.step)
+            saved = state.step % cfg.save_steps == 0 or last or stopping
+            if saved:
                 save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
-        if stopping:
-            stop.received = stop.received or "a signal on another process"
-            break
+            # a signal that arrived during this eval or save is agreed on before anyone leaves
+            if (evaluated or saved) and not stopping and agree(accelerator, stop.received is not None)[0]:
+                stopping = True
+                if not saved:
+                    save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
+            if stopping:
+                stop.received = stop.received or "a signal on another process"
+                break
+    finally:
+        bar.close()
 
-    bar.close()
     if stop.received:
         log.info("stopped by %s at step %d; checkpoint saved; resume with --resume-from-checkpoint latest",
                  stop.received, state.step)
