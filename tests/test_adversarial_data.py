@@ -136,3 +136,13 @@ def test_mixed_lanes_with_a_bad_sample_and_uneven_shards_keep_batches_equal(make
     counts = Counter(flat(per_rank[0]) + flat(per_rank[1]))
     assert "k010" not in counts and sum(counts.values()) == 24
     assert sum(n - 1 for n in counts.values()) == 1  # the bad sample's slot refilled from its own range once
+
+
+def test_roots_that_cannot_be_opened_fail_in_one_line():
+    with pytest.raises(DatasetError, match=r"^s3://bucket/d/train/metadata.json: reading s3:// needs a package that "
+                                           r"is not installed \(.*\); install fsspec and its s3 backend$"):
+        load_split("s3://bucket/d", "train")  # s3fs is not installed here
+    with pytest.raises(DatasetError, match=r"^--dataset-root 'pipe:cat \{\}/\{x\}': a pipe: root takes exactly one"):
+        load_split("pipe:cat {}/{x}", "train")
+    with pytest.raises(DatasetError, match="^foo://x/train/metadata.json: Protocol not known: foo$"):
+        load_split("foo://x", "train")

@@ -84,3 +84,39 @@ def test_transcribe_one_file_and_compare_domains(tiny_final, tmp_path, capsys):
                             "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())[0]) == {"audio", "hyp_normal", "hyp_dyslexic"}
     assert transcribe.main([tiny_final, str(tmp_path / "nope.wav")]) == 1
+
+
+def test_one_unreadable_file_among_good_ones_is_reported_and_the_rest_transcribed(tiny_final, tmp_path, capsys):
+    good_paths = clips(tmp_path, 2)
+    long = tmp_path / "long.wav"
+    long.write_bytes(encode_audio(speechlike(31.0, 16000), 16000, "wav"))
+    out = tmp_path / "t.json"
+    code = transcribe.main([tiny_final, str(good_paths[0]), str(long), str(tmp_path / "gone.wav"), str(good_paths[1]),
+                            "--max-new-tokens", "2", "--batch-size", "4", "--json", str(out)])
+    assert code == 1  # main: the whole batch aborted at long.wav, nothing transcribed
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(p) for p in good_paths]
+    assert f"wdx.transcribe: skipped {long}: 31.0 s of audio; Whisper takes 0-30 s" in captured.err
+    assert "2 of 4 files could not be read" in captured.err
+    assert [r.get("error") is None for r in json.loads(out.read_text())] == [True, True, False, False]
+
+
+def test_output_paths_and_list_entries_are_checked_before_any_work(tmp_path, capsys):
+    listing = tmp_path / "l.jsonl"
+    listing.write_text('{"audio_path": "a.wav", "text": "x", "domain": "normal"}\n["not", "an", "object"]\n')
+    # the model does not even exist: these fail before it would be loaded
+    assert evaluate.main(["no-model", "--list", str(listing), "--json", str(tmp_path / "nope" / "r.json")]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.evaluate: error: --json {tmp_path}/nope/r.json: directory "
+                                               f"{tmp_path}/nope does not exist")
+    assert transcribe.main(["no-model", "x.wav", "--json", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"wdx.transcribe: error: --json {tmp_path}: is a directory; name a file"
+    assert evaluate.main(["no-model", "--list", str(listing)]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.evaluate: error: {listing}: entry 2 is a list, not an object "
+                                               "with audio_path, text, domain")
+    listing.write_text('{"audio_path": "a.wav", "text": "x", "domain": "normal"}\n{"audio_path": \n')
+    assert evaluate.main(["no-model", "--list", str(listing)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"wdx.evaluate: error: {listing}:2: not valid JSON")
+    (tmp_path / "a.wav").write_bytes(encode_audio(speechlike(1.0, 16000), 16000, "wav"))
+    (tmp_path / "a.txt").write_bytes("안녕".encode("cp949"))
+    assert evaluate.main(["no-model", "--dir", str(tmp_path), "--domain", "normal"]) == 1
+    assert capsys.readouterr().err.strip() == f"wdx.evaluate: error: {tmp_path}/a.txt: not UTF-8 text (byte 0)"
