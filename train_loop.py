@@ -178,12 +178,12 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, 
     the loop state (a fresh one when starting from step 0)."""
     fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                                   data_layout=layout)
-    resume = resolve_resume(cfg)
+    resume = checkpoint.resolve(cfg.run_dir, cfg.resume_from_checkpoint)
     if resume is None:
         return fresh
     checkpoint.check_fingerprint(resume, fingerprint)
     state = checkpoint.TrainState.load(resume)
-    load_state(accelerator, resume)
+    checkpoint.load(accelerator, resume)
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
              state.micro_in_epoch)
     saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
@@ -197,21 +197,11 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, 
     return state
 
 
-def load_state(accelerator: Accelerator, path: Path) -> None:
-    """accelerator.load_state, with a damaged checkpoint named in one line."""
-    try:
-        accelerator.load_state(str(path))
-    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise their own types for bad files
-        log.debug("load_state failed", exc_info=True)
-        raise checkpoint.CheckpointError(f"{path}: cannot be loaded ({str(exc).splitlines()[0][:200]}); "
-                                         "resume from an older checkpoint") from None
-
-
 def export(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, fingerprint: dict,
            config_json: str) -> int:
     """--export CHECKPOINT: load it and write final/."""
     checkpoint.check_fingerprint(cfg.export, fingerprint)
-    load_state(accelerator, Path(cfg.export))
+    checkpoint.load(accelerator, Path(cfg.export))
     write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
                 config_json, None)
     return 0
@@ -231,24 +221,6 @@ def run_debug_step(cfg: TrainConfig, accelerator: Accelerator, model, optimizer,
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    if cfg.resume_from_checkpoint is None:
-        return None
-    if cfg.resume_from_checkpoint == "latest":
-        found = checkpoint.latest(cfg.run_dir)
-        if found is None:
-            log.info("--resume-from-checkpoint latest: no checkpoint in %s yet; starting from step 0", cfg.run_dir)
-        return found
-    path = Path(cfg.resume_from_checkpoint)
-    if not path.is_dir():
-        raise ConfigError(f"--resume-from-checkpoint {path}: no such checkpoint directory")
-    problem = checkpoint.verify(path)
-    if problem:
-        raise checkpoint.CheckpointError(f"--resume-from-checkpoint {path}: damaged ({problem}); "
-                                         "name an older checkpoint or use 'latest'")
-    return path
 
 
 class StopSignal:

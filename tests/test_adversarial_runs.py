@@ -156,7 +156,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(four_steps, tin
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full_disk)
     assert resume(tiny_dataset, tiny_model, out, "--max-steps", "8") == 2
-    err = capsys.readouterr().err  # main: eval/loss 0.0, an empty table, exit 0.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"train_loop.py: error: saving checkpoint step 6 in {out}/r/checkpoints failed "
                           "([enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534); ")
     assert err.endswith("step-0000004 is intact; resume from it") and "GiB free, a checkpoint takes" in err
@@ -174,7 +174,7 @@ def bad_eval_dataset(tiny_dataset, tmp_path) -> Path:
 def test_an_eval_split_without_one_usable_sample_is_an_error(tiny_dataset, tiny_model, tmp_path, capsys):
     data = bad_eval_dataset(tiny_dataset, tmp_path)
     assert train_loop.main(argv(data, tiny_model, tmp_path, "r", "--max-steps", "2")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # main: eval/loss 0.0, an empty table, exit 0
     assert err == "train_loop.py: error: val_small: no usable sample to evaluate (skipped: {'corrupt_audio': 3})"
 
 

@@ -105,6 +105,35 @@ def latest(run_dir: str | Path) -> Path | None:
     return None
 
 
+def resolve(run_dir: str | Path, spec: str | None) -> Path | None:
+    """--resume-from-checkpoint: None, "latest" (the newest intact one, if any) or a directory."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        found = latest(run_dir)
+        if found is None:
+            log.info("--resume-from-checkpoint latest: no checkpoint in %s yet; starting from step 0", run_dir)
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume-from-checkpoint {path}: no such checkpoint directory")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"--resume-from-checkpoint {path}: damaged ({problem}); "
+                              "name an older checkpoint or use 'latest'")
+    return path
+
+
+def load(accelerator, path: Path) -> None:
+    """accelerator.load_state, with a checkpoint that cannot be loaded named in one line."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise their own types for bad files
+        log.debug("load_state failed", exc_info=True)
+        raise CheckpointError(f"{path}: cannot be loaded ({str(exc).splitlines()[0][:200]}); "
+                              "resume from an older checkpoint") from None
+
+
 def verify(path: str | Path) -> str | None:
     """What is wrong with a checkpoint's files, or None. Checkpoints written before manifests
     existed are checked for their loop state only."""
