@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 from tests.conftest import speechlike
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["cpu", "cpu_ddp_2proc", "cpu_zero2_2proc", "cpu_zero3_2proc"]
+# bf16 on 2-process DDP is left out: it is 1-process autocast (the "cpu" row) in each of the
+# processes test_distributed runs in fp32; nothing in DDP depends on the precision.
+CONFIGS = ["cpu", "cpu_zero2_2proc", "cpu_zero3_2proc"]
 TRAINED = 2  # --train-encoder-layers and --train-decoder-layers of the tiny 4 + 4 layer model
 
 
