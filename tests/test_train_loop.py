@@ -167,10 +167,11 @@ def test_the_evaluation_tool_reproduces_the_run_s_last_eval(finished_run, tmp_pa
 
 def test_persistent_workers_see_each_new_epoch(tiny_dataset, tiny_model, tmp_path):
     # the epoch lives in shared memory: persistent workers must shuffle epoch 2 like fresh ones
-    extra = ["--max-steps", "12", "--eval-steps", "12", "--save-steps", "12", "--log-sample-keys"]
+    extra = ["--max-steps", "8", "--eval-steps", "8", "--save-steps", "8", "--log-sample-keys",
+             "--per-device-train-batch-size", "6"]  # 2 workers x 2 batches: 4 steps per epoch
     assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "fresh", *extra)) == 0
     assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "kept", *extra, "--persistent-workers")) == 0
     fresh, kept = (open(tmp_path / r / "sample_keys.rank0.jsonl").read() for r in ("fresh", "kept"))
     epochs = [json.loads(x)["epoch"] for x in fresh.splitlines()]
-    assert epochs == [0] * 6 + [1] * 6 and kept == fresh
+    assert epochs == [0] * 4 + [1] * 4 and kept == fresh
     assert losses(tmp_path / "kept") == pytest.approx(losses(tmp_path / "fresh"), abs=1e-6)
