@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
 from .data import MAX_SECONDS, ShardedSamples, make_loader
 from .domains import DOMAINS
-from .inference import Transcriber
+from .inference import BACKENDS, Transcriber
 from .metrics import by_domain, error_rates, format_table
 from .shards import DatasetError, load_split
 from .text import normalize_text
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf",
+                        help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
     parser.add_argument("--json", type=Path, help="write per-sample results and the tables here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             items = list_items(args.list) if args.list else dir_items(args.dir, args.domain)
             total, batches = len(items), file_batches(items, args.batch_size, skipped)
-        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
+        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
         rows = run(transcriber, batches, total, args.compare_domains)
         if not rows:
             where = f"{args.dataset} split {args.split}" if args.dataset else str(args.list or args.dir)

@@ -1,8 +1,10 @@
 """Loading a trained model and transcribing batches with the domain prompt.
 
-Accepts `final/` (a standard HF directory) or a training checkpoint (`step-XXXXXXX`,
-written by accelerate.save_state: weights only, rebuilt on the base model named in its
-train_config.json). A base model without domain tokens is prompted without one.
+Accepts `final/` (a standard HF directory), a training checkpoint (`step-XXXXXXX`, written
+by accelerate.save_state: weights only, rebuilt on the base model named in its
+train_config.json), or with `backend="ct2"` a CTranslate2 export (`wdx.export_ct2`). A base
+model without domain tokens is prompted without one. Both backends decode greedily from
+the same five-token prompt, the same log-mel features and the same suppressed tokens.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ from .evaluation import generate
 from .features import log_mel
 from .model import PROMPT_TOKENS
 
+BACKENDS = ("hf", "ct2")
+
 
 class Transcriber:
     """model + tokenizer + prompts; `__call__` transcribes a batch of 16 kHz clips."""
 
     def __init__(self, model_dir: str | Path, language: str = "ko", device: str = "cpu",
-                 max_new_tokens: int = 225) -> None:
-        self.model, self.tokenizer = load(model_dir)
-        self.model.to(device).eval()
+                 max_new_tokens: int = 225, backend: str = "hf") -> None:
+        self.backend = backend
+        if backend == "ct2":
+            self.tokenizer = load_ct2_tokenizer(Path(model_dir))
+            self.model = CT2Whisper(Path(model_dir), device, self.tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
+        else:
+            self.model, self.tokenizer = load(model_dir)
+            self.model.to(device).eval()
         self.device, self.language, self.max_new_tokens = torch.device(device), language, max_new_tokens
         vocab = self.tokenizer.get_vocab()
         self.has_domains = all(t in vocab for t in DOMAIN_TOKENS)
@@ -43,10 +52,57 @@ class Transcriber:
         audio = torch.zeros(len(clips), max(len(c) for c in clips))
         for i, c in enumerate(clips):
             audio[i, : len(c)] = torch.as_tensor(c)
-        features = log_mel(audio.to(self.device), self.model.config.num_mel_bins, self.model.dtype)
-        prompts = torch.tensor([self.prompt(d) for d in domains], device=self.device)
-        new = generate(self.model, features, prompts, self.max_new_tokens)
+        prompts = [self.prompt(d) for d in domains]
+        if self.backend == "ct2":
+            features = log_mel(audio, self.model.n_mels, torch.float32)
+            new = self.model.generate(features.numpy(), prompts, self.max_new_tokens)
+        else:
+            features = log_mel(audio.to(self.device), self.model.config.num_mel_bins, self.model.dtype)
+            new = generate(self.model, features, torch.tensor(prompts, device=self.device), self.max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+class CT2Whisper:
+    """A CTranslate2 Whisper export, decoded greedily as `evaluation.generate` decodes.
+
+    ctranslate2 returns the prompt tokens after <|notimestamps|> (here the domain token) at
+    the start of each result, and caps a result at half of `max_length` (OpenAI's sample
+    length rule, CTranslate2 issue #2074): hence max_length = 2 x (new tokens + 1), which
+    limits one call to 223 new tokens.
+    """
+
+    def __init__(self, path: Path, device: str, no_timestamps: int) -> None:
+        import ctranslate2
+
+        self.model = ctranslate2.models.Whisper(str(path), device=device)
+        self.n_mels = self.model.n_mels
+        config = json.loads((path / "config.json").read_text())
+        self.suppress_blank = bool(config.get("suppress_ids_begin"))  # HF's begin_suppress_tokens
+        self.no_timestamps = no_timestamps
+
+    def generate(self, features: np.ndarray, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        import ctranslate2
+
+        results = self.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), prompts,
+                                      beam_size=1, max_length=min(448, 2 * (max_new_tokens + 1)),
+                                      suppress_blank=self.suppress_blank, suppress_tokens=[-1])
+        out = []
+        for prompt, result in zip(prompts, results):
+            ids = result.sequences_ids[0]
+            prefix = prompt[prompt.index(self.no_timestamps) + 1:] if self.no_timestamps in prompt else []
+            out.append(ids[len(prefix):] if ids[:len(prefix)] == prefix else ids)
+        return out
+
+
+def load_ct2_tokenizer(path: Path):
+    """The tokenizer.json a CTranslate2 export carries (wdx.export_ct2 copies it)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (path / "model.bin").is_file():
+        raise ValueError(f"{path}: no model.bin; not a CTranslate2 export (python -m wdx.export_ct2 FINAL OUT)")
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path}: no tokenizer.json next to the CTranslate2 model")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), unk_token="<|endoftext|>")
 
 
 def load(model_dir: str | Path) -> tuple[WhisperForConditionalGeneration, object]:

@@ -18,7 +18,7 @@ import torch
 
 from .domains import DOMAINS
 from .evaluate import InputError, check_output, read_clip
-from .inference import Transcriber
+from .inference import BACKENDS, Transcriber
 from .tracking import quiet_libraries
 
 
@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf",
+                        help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     quiet_libraries()
     failed = []
     try:
         check_output(args.json)
-        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens)
+        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
         domains = DOMAINS if args.compare_domains else (args.domain,)
         results = []
         for i in range(0, len(args.audio), args.batch_size):

@@ -1,0 +1,82 @@
+"""wdx.export_ct2 and the ct2 backend: the same greedy transcripts as the HF model."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import speechlike
+from tests.test_evaluate import clips
+from wdx import export_ct2, transcribe
+from wdx.inference import Transcriber
+
+DOMAINS = ("normal", "dyslexic")
+
+
+@pytest.fixture(scope="module")
+def varied_final(tiny_model, tmp_path_factory):
+    """final/ of a tiny model whose random weights are large enough for the domain token and
+    the audio to change the transcript (a fresh tiny model repeats one token whatever it hears)."""
+    from wdx.model import setup
+
+    out = tmp_path_factory.mktemp("varied") / "final"
+    w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in w.model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    for part in (w.model, w.tokenizer, w.feature_extractor):
+        part.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(varied_final, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ct2")
+    return {q: export_ct2.export(varied_final, out / q, quantization=q) for q in ("float32", "int8")}
+
+
+def test_float32_export_decodes_exactly_as_the_hf_model_with_each_domain_prompt(varied_final, exported):
+    audio = [speechlike(1.0 + i / 2, 16000, seed=i) for i in range(4)]
+    hf = Transcriber(varied_final, max_new_tokens=10)
+    ct2 = Transcriber(exported["float32"], max_new_tokens=10, backend="ct2")
+    by_domain = {}
+    for d in DOMAINS:
+        by_domain[d] = hf(audio, [d] * 4)
+        assert ct2(audio, [d] * 4) == by_domain[d]
+    assert by_domain["normal"] != by_domain["dyslexic"]  # the prompt reached both decoders
+    assert Transcriber(exported["int8"], max_new_tokens=10, backend="ct2")(audio, ["normal"] * 4)  # int8 runs
+
+
+def test_the_export_carries_tokenizer_mel_bins_and_the_prompts(varied_final, exported):
+    out = exported["float32"]
+    assert {"model.bin", "tokenizer.json", "preprocessor_config.json", "domain_prompts.json"} <= {
+        p.name for p in out.iterdir()}
+    prompts = json.loads((out / "domain_prompts.json").read_text())
+    assert prompts["dyslexic"]["tokens"] == ["<|startoftranscript|>", "<|ko|>", "<|transcribe|>",
+                                             "<|notimestamps|>", "<|domain:dyslexic|>"]
+    assert prompts["dyslexic"]["ids"] == Transcriber(varied_final).prompt("dyslexic")
+    assert json.loads((out / "preprocessor_config.json").read_text())["feature_size"] == 80
+
+
+def test_transcribe_cli_with_the_ct2_backend(exported, tmp_path, capsys):
+    (path,) = clips(tmp_path, 1)
+    assert transcribe.main([str(exported["float32"]), str(path), "--backend", "ct2", "--compare-domains",
+                            "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}\t[normal] ")
+    assert transcribe.main([str(tmp_path), str(path), "--backend", "ct2"]) == 1
+    assert "no model.bin; not a CTranslate2 export" in capsys.readouterr().err
+
+
+def test_export_refuses_what_it_cannot_convert_in_one_line(varied_final, tmp_path, capsys):
+    assert export_ct2.main([str(tmp_path), str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.export_ct2: error: {tmp_path}: no config.json; not a model "
+                                               "directory (use RUN/final, or --export a checkpoint)")
+    import shutil
+
+    bare = shutil.copytree(varied_final, tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    assert export_ct2.main([str(bare), str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.export_ct2: error: {bare}: no tokenizer.json; CTranslate2 and "
+                                               "faster-whisper need it next to the weights")

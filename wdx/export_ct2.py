@@ -1,0 +1,90 @@
+"""Export final/ for CTranslate2 / faster-whisper, with what their users need to prompt it.
+
+    python -m wdx.export_ct2 FINAL OUT [--quantization int8|int8_float16|float16|float32] [--force]
+
+The weights go through ctranslate2's own Transformers converter. OUT also gets the
+tokenizer (tokenizer.json, with the domain tokens), the feature extractor config (the
+number of mel bins: 128 for large-v3, 80 before it) and `domain_prompts.json`: the token
+ids each consumer must put in front of decoding, per domain. Without the domain token the
+model decodes as the base model would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .collate import prompt_ids
+from .domains import DOMAIN_TOKENS, DOMAINS
+
+QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "float16", "float32")
+PROMPTS_FILE = "domain_prompts.json"
+COPIED = ("tokenizer.json", "preprocessor_config.json")
+
+
+class ExportError(ValueError):
+    """FINAL cannot be exported (one line, names the directory and what is missing)."""
+
+
+def check_source(final: Path) -> None:
+    config = final / "config.json"
+    if not config.is_file():
+        raise ExportError(f"{final}: no config.json; not a model directory (use RUN/final, or --export a checkpoint)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "whisper":
+        raise ExportError(f"{final}: model_type is {model_type!r}, not 'whisper'")
+    for name in COPIED:
+        if not (final / name).is_file():
+            raise ExportError(f"{final}: no {name}; CTranslate2 and faster-whisper need it next to the weights")
+
+
+def domain_prompts(final: Path, language: str) -> dict:
+    """{domain: {"tokens": [...], "ids": [...]}} for the prompt the model was trained with."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    if not all(t in tokenizer.get_vocab() for t in DOMAIN_TOKENS):
+        raise ExportError(f"{final}: the tokenizer has no domain tokens; not a model trained by train_loop.py")
+    out = {}
+    for domain in DOMAINS:
+        ids = prompt_ids(tokenizer, language, domain)
+        out[domain] = {"tokens": tokenizer.convert_ids_to_tokens(ids), "ids": ids}
+    return out
+
+
+def export(final: Path, out: Path, quantization: str = "float32", language: str = "ko", force: bool = False) -> Path:
+    """Convert `final` into `out`; returns `out`."""
+    check_source(final)
+    prompts = domain_prompts(final, language)
+    if out.exists() and not force:
+        raise ExportError(f"{out}: exists; pass --force to replace it")
+    from ctranslate2.converters import TransformersConverter
+
+    TransformersConverter(str(final), copy_files=list(COPIED)).convert(str(out), quantization=quantization,
+                                                                       force=force)
+    (out / PROMPTS_FILE).write_text(json.dumps(prompts, ensure_ascii=False, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.export_ct2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("final", type=Path, help="RUN/final (or any directory written by train_loop.py)")
+    parser.add_argument("out", type=Path, help="output directory for the CTranslate2 model")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="float32",
+                        help="weight type (int8 for CPUs, float16 / int8_float16 for GPUs)")
+    parser.add_argument("--language", default="ko", help="language token of the prompt")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.final, args.out, args.quantization, args.language, args.force)
+    except (ExportError, OSError) as exc:
+        print(f"wdx.export_ct2: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out}: CTranslate2 model ({args.quantization}); prompts per domain in {out / PROMPTS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
