@@ -98,8 +98,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
     """Whisper with the domain tokens, frozen as configured; checks what depends on its size."""
     with whole_model_init(accelerator):
         whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
-                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
-                                max_new_tokens=cfg.generation_max_length)
+                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout)
     room = max_text_tokens(whisper.model.config.max_target_positions)
     if cfg.generation_max_length > room:
         raise ConfigError(f"--generation-max-length {cfg.generation_max_length}: the decoder holds "

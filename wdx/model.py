@@ -136,14 +136,18 @@ def count_trainable(groups: dict[str, list[torch.nn.Parameter]], new_rows: list[
     return counts
 
 
-def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, language: str,
-                          max_new_tokens: int) -> None:
-    """Transcribe in `language`, no timestamps: what exported models do in a pipeline too."""
+def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, language: str) -> None:
+    """Transcribe in `language`, no timestamps: what exported models do in a pipeline too.
+
+    No `max_new_tokens`: the in-loop evaluation passes its own (--generation-max-length),
+    and a stored one would cap every transcript of the exported model at that length.
+    `max_length` is the decoder's whole context, prompt included.
+    """
     gc = model.generation_config
     gc.language, gc.task, gc.return_timestamps = language, "transcribe", False
     gc.decoder_start_token_id = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     gc.eos_token_id = gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    gc.max_new_tokens = max_new_tokens
+    gc.max_new_tokens, gc.max_length = None, model.config.max_target_positions
     gc.forced_decoder_ids = None  # the prompt is passed explicitly (collate.prompt_ids)
     if not getattr(gc, "lang_to_id", None):
         gc.lang_to_id = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens
@@ -161,10 +165,10 @@ def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, lan
 
 
 def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers: int, dropout: float = 0.0,
-          max_new_tokens: int = 225) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
+          ) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
     """Load, add domain tokens, then freeze (in that order: see the module docstring)."""
     model, tokenizer, feature_extractor = load_base(base_model, dropout)
     ids, new_rows = add_domain_tokens(model, tokenizer)
-    set_generation_config(model, tokenizer, language, max_new_tokens)
+    set_generation_config(model, tokenizer, language)
     groups = freeze_except(model, encoder_layers, decoder_layers, new_rows)
     return Whisper(model, tokenizer, feature_extractor, ids, new_rows), groups
