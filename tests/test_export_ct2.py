@@ -80,3 +80,18 @@ def test_export_refuses_what_it_cannot_convert_in_one_line(varied_final, tmp_pat
     assert export_ct2.main([str(bare), str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.strip() == (f"wdx.export_ct2: error: {bare}: no tokenizer.json; CTranslate2 and "
                                                "faster-whisper need it next to the weights")
+
+
+def test_the_transformers_pipeline_decodes_with_the_domain_prompt_as_wdx_does(varied_final):
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=str(varied_final), device="cpu")
+    audio = speechlike(1.5, 16000, seed=1)
+    ours = Transcriber(varied_final, max_new_tokens=40)  # final/ allows 443 (test_train_loop); 40 is quicker
+    texts = {}
+    for d in DOMAINS:
+        prompt = torch.tensor([ours.prompt(d)])
+        texts[d] = asr({"raw": audio, "sampling_rate": 16000}, generate_kwargs={"decoder_input_ids": prompt,
+                                                                                   "max_new_tokens": 40})["text"]
+        assert texts[d].strip() == ours([audio], [d])[0]
+    assert texts["normal"] != texts["dyslexic"]

@@ -16,7 +16,7 @@ import torch
 
 from .data import pad_audio
 from .domains import domain_token
-from .model import PROMPT_TOKENS
+from .model import PROMPT_TOKENS, max_text_tokens
 
 IGNORE = -100
 
@@ -32,13 +32,6 @@ def prompt_ids(tokenizer, language: str, domain: str) -> list[int]:
 
 def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def max_text_tokens(max_target_positions: int) -> int:
-    """Text tokens that fit the decoder: the inputs are the 5 prompt ids + the text
-    (<|endoftext|> is a label only, never an input). Also the most tokens generation may
-    add after the prompt (transformers refuses prompt + max_new_tokens > the decoder's size)."""
-    return max_target_positions - (len(PROMPT_TOKENS) + 1)
 
 
 def make_text_encoder(tokenizer, max_target_positions: int) -> Callable[[str], list[int] | str]:

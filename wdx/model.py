@@ -136,18 +136,28 @@ def count_trainable(groups: dict[str, list[torch.nn.Parameter]], new_rows: list[
     return counts
 
 
+def max_text_tokens(max_target_positions: int) -> int:
+    """Text tokens that fit the decoder: the inputs are the 5 prompt ids + the text
+    (<|endoftext|> is a label only, never an input). Also the most tokens generation may
+    add after the prompt (transformers refuses prompt + max_new_tokens > the decoder's size)."""
+    return max_target_positions - (len(PROMPT_TOKENS) + 1)
+
+
 def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, language: str) -> None:
     """Transcribe in `language`, no timestamps: what exported models do in a pipeline too.
 
-    No `max_new_tokens`: the in-loop evaluation passes its own (--generation-max-length),
-    and a stored one would cap every transcript of the exported model at that length.
-    `max_length` is the decoder's whole context, prompt included.
+    The in-loop evaluation passes its own length (--generation-max-length); the stored one is
+    what the decoder holds after the prompt, so an exported model is never capped at the
+    evaluation's length.
     """
     gc = model.generation_config
     gc.language, gc.task, gc.return_timestamps = language, "transcribe", False
     gc.decoder_start_token_id = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     gc.eos_token_id = gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    gc.max_new_tokens, gc.max_length = None, model.config.max_target_positions
+    # greedy, up to the whole context after the prompt: the transformers ASR pipeline would
+    # otherwise use its own defaults (5 beams, 256 new tokens)
+    gc.num_beams, gc.max_length = 1, model.config.max_target_positions
+    gc.max_new_tokens = max_text_tokens(model.config.max_target_positions)
     gc.forced_decoder_ids = None  # the prompt is passed explicitly (collate.prompt_ids)
     if not getattr(gc, "lang_to_id", None):
         gc.lang_to_id = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens
