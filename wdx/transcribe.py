@@ -19,13 +19,15 @@ import torch
 from .domains import DOMAINS
 from .evaluate import InputError, check_output, read_clip
 from .inference import BACKENDS, Transcriber
+from .longform import transcribe_long
 from .tracking import quiet_libraries
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.transcribe", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="final/ directory, HF Whisper directory, or training checkpoint")
-    parser.add_argument("audio", nargs="+", type=Path, help="wav/flac/mp3/ogg/m4a files, any rate, up to 30 s")
+    parser.add_argument("audio", nargs="+", type=Path, help="wav/flac/mp3/ogg/m4a files, any rate, any length "
+                        "(longer than 30 s: cut at pauses, see wdx/longform.py)")
     parser.add_argument("--domain", choices=DOMAINS, default="normal", help="domain token of the prompt")
     parser.add_argument("--compare-domains", action="store_true", help="decode with every domain token")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append({"audio": str(path), "error": str(exc)})
             if not clips:
                 continue
-            by_domain = {d: transcriber(clips, [d] * len(clips)) for d in domains}
+            by_domain = {d: transcribe_long(transcriber, clips, [d] * len(clips), args.batch_size) for d in domains}
             for j, path in enumerate(paths):
                 results.append({"audio": str(path), **{f"hyp_{d}": by_domain[d][j] for d in domains}})
                 print(f"{path}\t" + "\t".join(f"[{d}] {by_domain[d][j]}" for d in domains), flush=True)
