@@ -7,7 +7,8 @@
 3. evaluate it zero-shot on the held-out split, per domain (wdx.evaluate)
 4. fine-tune it with `accelerate launch train_loop.py` (the real loop, real flags)
 5. evaluate final/ with the same tool
-6. write OUT_DIR/REPORT.md (table, loss and CER curves, example transcripts)
+6. export final/ for CTranslate2 (float32 and int8) and evaluate both with the same tool
+7. write OUT_DIR/REPORT.md (table, loss and CER curves, deployment parity, example transcripts)
 Steps 1-2 are skipped when their output exists. Sizes fit 15 minutes on 2 CPU cores.
 """
 
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import demo_data, evaluate, offline_model
+from . import demo_data, evaluate, export_ct2, offline_model
 from .report import write_report
 
 log = logging.getLogger("wdx.demo")
@@ -44,6 +45,11 @@ def train_command(data: Path, base: Path, runs: Path) -> list[str]:
             "--num-examples", "2"]
 
 
+def relative(arg: str) -> str:
+    """A command-line argument with this checkout's absolute path taken out (for the report)."""
+    return arg.replace(f"{REPO}/", "").replace(str(Path.cwd()) + "/", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def stage(n: int, title: str) -> float:
-        log.info("== [%d/6] %s", n, title)
+        log.info("== [%d/7] %s", n, title)
         return time.perf_counter()
 
     t = stage(1, f"speaking {N_TRAIN} training and {N_VAL} held-out utterances with espeak-ng -> {data}")
@@ -79,10 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     if evaluate.main([str(runs / "demo" / "final"), *common, "--json", str(out / "eval_after.json")]):
         return 1
     timings["5 evaluate fine-tuned"] = time.perf_counter() - t
-    stage(6, "report")
+    deployed = {}
+    for quantization in ("float32", "int8"):
+        t = stage(6, f"CTranslate2 {quantization}: export final/, evaluate it")
+        ct2 = export_ct2.export(runs / "demo" / "final", out / f"ct2-{quantization}", quantization, force=True)
+        t_eval = time.perf_counter()
+        if evaluate.main([str(ct2), *common, "--backend", "ct2", "--json", str(out / f"eval_ct2_{quantization}.json")]):
+            return 1
+        deployed[f"CTranslate2 {quantization}"] = (json.loads((out / f"eval_ct2_{quantization}.json").read_text()),
+                                                   time.perf_counter() - t_eval)
+        timings[f"6 export + evaluate CTranslate2 {quantization}"] = time.perf_counter() - t
+    stage(7, "report")
     before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
-    settings = "accelerate launch " + " ".join(train_command(data, base, runs)[3:])
-    report = write_report(out, before, after, runs / "demo", settings, timings)
+    deployed = {"transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
+    settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
+    report = write_report(out, before, after, runs / "demo", settings, timings, deployed)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
     for d in ("normal", "dyslexic", "all"):
         log.info("  %-9s CER %.3f -> %.3f", d, before["results"][d]["cer"], after["results"][d]["cer"])

@@ -51,6 +51,18 @@ def table(before: dict, after: dict) -> list[str]:
     return lines
 
 
+def deploy_table(deployed: dict[str, tuple[dict, float]]) -> list[str]:
+    """CER per domain, agreement with the transformers model and seconds for each way of decoding."""
+    reference = {s["key"]: s["hyp"] for s in next(iter(deployed.values()))[0]["samples"]}
+    lines = ["| decoded with | CER normal | CER dyslexic | CER all | same text as transformers | seconds |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, (result, seconds) in deployed.items():
+        same = sum(s["hyp"] == reference.get(s["key"]) for s in result["samples"])
+        cer = [f"{result['results'][d]['cer']:.3f}" for d in (*DOMAINS, "all")]
+        lines.append(f"| {name} | {' | '.join(cer)} | {same}/{len(result['samples'])} | {seconds:.1f} |")
+    return lines
+
+
 def examples(before: dict, after: dict, n_per_domain: int = 3) -> list[str]:
     base = {s["key"]: s["hyp"] for s in before["samples"]}
     lines = []
@@ -63,14 +75,18 @@ def examples(before: dict, after: dict, n_per_domain: int = 3) -> list[str]:
     return lines
 
 
-def write_report(out: Path, before: dict, after: dict, run_dir: Path, settings: str, timings: dict) -> Path:
-    """REPORT.md with the table, the two PNG curves and example transcripts."""
+def write_report(out: Path, before: dict, after: dict, run_dir: Path, settings: str, timings: dict,
+                 deployed: dict[str, tuple[dict, float]]) -> Path:
+    """REPORT.md with the table, the two PNG curves, deployment parity and example transcripts."""
     plot_curves(read_metrics(run_dir), before, out)
     lines = ["# Demo report: Whisper base fine-tuned on two Korean speaker domains", "",
              "Held-out sentences (`val_small`), never seen in training. CER: punctuation and spaces removed "
              "(the Korean convention); WER: words. Base model prompted without a domain token (it has none); "
              "the fine-tuned model with `<|domain:X|>`.", "", *table(before, after), "",
-             "![loss](loss.png) ![cer](cer.png)", "", "## Example transcripts", "", *examples(before, after),
+             "![loss](loss.png) ![cer](cer.png)", "", "## Deployed",
+             "", "The fine-tuned model decoded greedily with the domain prompt by each way of deploying it "
+             "(wdx.evaluate, same clips, CPU, model loading included in the seconds).", "", *deploy_table(deployed),
+             "", "## Example transcripts", "", *examples(before, after),
              "## How this was made", "", "```", settings, "```", "",
              "| stage | seconds |", "|---|---:|", *(f"| {k} | {v:.0f} |" for k, v in timings.items()), ""]
     path = out / "REPORT.md"
