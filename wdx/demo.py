@@ -7,8 +7,9 @@
 3. evaluate it zero-shot on the held-out split, per domain (wdx.evaluate)
 4. fine-tune it with `accelerate launch train_loop.py` (the real loop, real flags)
 5. evaluate final/ with the same tool
-6. export final/ for CTranslate2 (float32 and int8) and evaluate both with the same tool
-7. write OUT_DIR/REPORT.md (table, loss and CER curves, deployment parity, example transcripts)
+6. export final/ for CTranslate2 (float32 and int8) and evaluate both with the same tool;
+   decode recordings longer than 30 s made of held-out sentences (wdx.longform)
+7. write OUT_DIR/REPORT.md (table, loss and CER curves, deployment parity, long-form, examples)
 Steps 1-2 are skipped when their output exists. Sizes fit 15 minutes on 2 CPU cores.
 """
 
@@ -20,9 +21,15 @@ import logging
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from . import demo_data, evaluate, export_ct2, offline_model
+from .inference import Transcriber
+from .longform import transcribe_long
+from .metrics import error_rates
 from .report import write_report
 
 log = logging.getLogger("wdx.demo")
@@ -43,6 +50,28 @@ def train_command(data: Path, base: Path, runs: Path) -> list[str]:
             "--eval-steps", str(EVAL_STEPS), "--save-steps", str(EVAL_STEPS), "--save-total-limit", "1",
             "--logging-steps", "1", "--num-workers", "0", "--generation-max-length", str(MAX_NEW_TOKENS),
             "--num-examples", "2"]
+
+
+def long_recordings(final: Path, data: Path, after: dict, per_recording: int = 8, pause_s: float = 0.6) -> list[dict]:
+    """Held-out sentences of one domain read one after another (`pause_s` of silence between):
+    CER of the long-form transcript vs the CER of the same sentences decoded one by one."""
+    by_domain: dict[str, list[dict]] = {}
+    for batch in evaluate.dataset_batches(str(data), "val_small", BATCH, 0, None, Counter()):
+        for s in batch:
+            by_domain.setdefault(s["domain"], []).append(s)
+    single = {s["key"]: s["hyp"] for s in after["samples"]}
+    transcriber, rows = Transcriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
+    silence = np.zeros(int(pause_s * 16000), dtype=np.float32)
+    for domain, samples in sorted(by_domain.items()):
+        for i in range(0, len(samples) - per_recording + 1, per_recording):
+            group = samples[i: i + per_recording]
+            audio = np.concatenate([part for s in group for part in (s["audio"], silence)])
+            (hyp,) = transcribe_long(transcriber, [audio], [domain], BATCH)
+            refs = [s["text"] for s in group]
+            rows.append(dict(domain=domain, sentences=len(group), seconds=len(audio) / 16000,
+                             cer_one_by_one=error_rates(refs, [single[s["key"]] for s in group])["cer"],
+                             cer_long=error_rates([" ".join(refs)], [hyp])["cer"]))
+    return rows
 
 
 def relative(arg: str) -> str:
@@ -95,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         deployed[f"CTranslate2 {quantization}"] = (json.loads((out / f"eval_ct2_{quantization}.json").read_text()),
                                                    time.perf_counter() - t_eval)
         timings[f"6 export + evaluate CTranslate2 {quantization}"] = time.perf_counter() - t
+    t = stage(6, "recordings longer than 30 s built from held-out sentences")
+    after = json.loads((out / "eval_after.json").read_text())
+    longform = long_recordings(runs / "demo" / "final", data, after)
+    timings["6 long recordings"] = time.perf_counter() - t
     stage(7, "report")
     before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
     deployed = {"transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
-    report = write_report(out, before, after, runs / "demo", settings, timings, deployed)
+    report = write_report(out, before, after, runs / "demo", settings, timings, deployed, longform)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
     for d in ("normal", "dyslexic", "all"):
         log.info("  %-9s CER %.3f -> %.3f", d, before["results"][d]["cer"], after["results"][d]["cer"])
