@@ -29,7 +29,7 @@ import numpy as np
 from . import demo_data, evaluate, export_ct2, offline_model
 from .inference import Transcriber
 from .longform import transcribe_long
-from .metrics import error_rates
+from .metrics import by_domain, error_rates
 from .report import write_report
 
 log = logging.getLogger("wdx.demo")
@@ -52,17 +52,37 @@ def train_command(data: Path, base: Path, runs: Path) -> list[str]:
             "--num-examples", "2"]
 
 
+def held_out(data: Path) -> list[dict]:
+    """The decoded held-out samples (audio, text, domain, key), in split order."""
+    return [s for batch in evaluate.dataset_batches(str(data), "val_small", BATCH, 0, None, Counter()) for s in batch]
+
+
+def pipeline_eval(final: Path, data: Path) -> dict:
+    """The held-out clips through transformers' ASR pipeline, one call per clip, with the domain
+    prompt as decoder_input_ids (README "Deploy"); the same result layout as wdx.evaluate."""
+    import torch
+    from transformers import pipeline
+
+    asr, prompts = pipeline("automatic-speech-recognition", model=str(final), device="cpu"), Transcriber(final)
+    rows = []
+    for s in held_out(data):
+        ids = torch.tensor([prompts.prompt(s["domain"])])
+        text = asr({"raw": s["audio"], "sampling_rate": 16000},
+                   generate_kwargs={"decoder_input_ids": ids, "max_new_tokens": MAX_NEW_TOKENS})["text"].strip()
+        rows.append(dict(key=s["key"], domain=s["domain"], ref=s["text"], hyp=text))
+    return {"results": by_domain(rows), "samples": rows}
+
+
 def long_recordings(final: Path, data: Path, after: dict, per_recording: int = 8, pause_s: float = 0.6) -> list[dict]:
     """Held-out sentences of one domain read one after another (`pause_s` of silence between):
     CER of the long-form transcript vs the CER of the same sentences decoded one by one."""
-    by_domain: dict[str, list[dict]] = {}
-    for batch in evaluate.dataset_batches(str(data), "val_small", BATCH, 0, None, Counter()):
-        for s in batch:
-            by_domain.setdefault(s["domain"], []).append(s)
+    domains: dict[str, list[dict]] = {}
+    for s in held_out(data):
+        domains.setdefault(s["domain"], []).append(s)
     single = {s["key"]: s["hyp"] for s in after["samples"]}
     transcriber, rows = Transcriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
     silence = np.zeros(int(pause_s * 16000), dtype=np.float32)
-    for domain, samples in sorted(by_domain.items()):
+    for domain, samples in sorted(domains.items()):
         for i in range(0, len(samples) - per_recording + 1, per_recording):
             group = samples[i: i + per_recording]
             audio = np.concatenate([part for s in group for part in (s["audio"], silence)])
@@ -124,13 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         deployed[f"CTranslate2 {quantization}"] = (json.loads((out / f"eval_ct2_{quantization}.json").read_text()),
                                                    time.perf_counter() - t_eval)
         timings[f"6 export + evaluate CTranslate2 {quantization}"] = time.perf_counter() - t
+    t = stage(6, "transformers pipeline with the domain prompt")
+    via_pipeline = pipeline_eval(runs / "demo" / "final", data)
+    deployed["transformers pipeline"] = (via_pipeline, time.perf_counter() - t)
+    timings["6 pipeline"] = time.perf_counter() - t
     t = stage(6, "recordings longer than 30 s built from held-out sentences")
     after = json.loads((out / "eval_after.json").read_text())
     longform = long_recordings(runs / "demo" / "final", data, after)
     timings["6 long recordings"] = time.perf_counter() - t
     stage(7, "report")
     before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
-    deployed = {"transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
+    deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
     report = write_report(out, before, after, runs / "demo", settings, timings, deployed, longform)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
