@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import faults
+from .accel import agree
 from .data import Position
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,6 @@ def save(accelerator, run_dir: str | Path, step: int, files: dict[str, str]) -> 
     RuntimeError and safetensors its own error, not OSError, hence the broad catch (the
     traceback goes to the debug log).
     """
-    from .accel import agree  # accel imports torch.distributed helpers; keep this module light
-
     final = step_dir(run_dir, step)
     tmp = final.with_name(".tmp-" + final.name)
     error = None

@@ -57,7 +57,7 @@ def held_out(data: Path) -> list[dict]:
     return [s for batch in evaluate.dataset_batches(str(data), "val_small", BATCH, 0, None, Counter()) for s in batch]
 
 
-def pipeline_eval(final: Path, data: Path) -> dict:
+def pipeline_eval(final: Path, samples: list[dict]) -> dict:
     """The held-out clips through transformers' ASR pipeline, one call per clip, with the domain
     prompt as decoder_input_ids (README "Deploy"); the same result layout as wdx.evaluate."""
     import torch
@@ -65,7 +65,7 @@ def pipeline_eval(final: Path, data: Path) -> dict:
 
     asr, prompts = pipeline("automatic-speech-recognition", model=str(final), device="cpu"), Transcriber(final)
     rows = []
-    for s in held_out(data):
+    for s in samples:
         ids = torch.tensor([prompts.prompt(s["domain"])])
         text = asr({"raw": s["audio"], "sampling_rate": 16000},
                    generate_kwargs={"decoder_input_ids": ids, "max_new_tokens": MAX_NEW_TOKENS})["text"].strip()
@@ -73,11 +73,12 @@ def pipeline_eval(final: Path, data: Path) -> dict:
     return {"results": by_domain(rows), "samples": rows}
 
 
-def long_recordings(final: Path, data: Path, after: dict, per_recording: int = 8, pause_s: float = 0.6) -> list[dict]:
+def long_recordings(final: Path, samples: list[dict], after: dict, per_recording: int = 8,
+                    pause_s: float = 0.6) -> list[dict]:
     """Held-out sentences of one domain read one after another (`pause_s` of silence between):
     CER of the long-form transcript vs the CER of the same sentences decoded one by one."""
     domains: dict[str, list[dict]] = {}
-    for s in held_out(data):
+    for s in samples:
         domains.setdefault(s["domain"], []).append(s)
     single = {s["key"]: s["hyp"] for s in after["samples"]}
     transcriber, rows = Transcriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if evaluate.main([str(runs / "demo" / "final"), *common, "--json", str(out / "eval_after.json")]):
         return 1
     timings["5 evaluate fine-tuned"] = time.perf_counter() - t
+    before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
     deployed = {}
     for quantization in ("float32", "int8"):
         t = stage(6, f"CTranslate2 {quantization}: export final/, evaluate it")
@@ -145,15 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                                                    time.perf_counter() - t_eval)
         timings[f"6 export + evaluate CTranslate2 {quantization}"] = time.perf_counter() - t
     t = stage(6, "transformers pipeline with the domain prompt")
-    via_pipeline = pipeline_eval(runs / "demo" / "final", data)
+    samples = held_out(data)  # decoded once for the pipeline and the long recordings
+    via_pipeline = pipeline_eval(runs / "demo" / "final", samples)
     deployed["transformers pipeline"] = (via_pipeline, time.perf_counter() - t)
     timings["6 pipeline"] = time.perf_counter() - t
     t = stage(6, "recordings longer than 30 s built from held-out sentences")
-    after = json.loads((out / "eval_after.json").read_text())
-    longform = long_recordings(runs / "demo" / "final", data, after)
+    longform = long_recordings(runs / "demo" / "final", samples, after)
     timings["6 long recordings"] = time.perf_counter() - t
     stage(7, "report")
-    before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
     deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
     report = write_report(out, before, after, runs / "demo", settings, timings, deployed, longform)
