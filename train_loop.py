@@ -42,8 +42,8 @@ from wdx.evaluation import evaluate, examples, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.features import log_mel
 from wdx.metrics import format_table
-from wdx.model import ModelLoadError, Whisper, count_trainable, setup
-from wdx.plan import plan_table
+from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, setup
+from wdx.plan import plan_table, processes
 from wdx.shards import DatasetError, load_split
 from wdx.tracking import MetricsLog, flatten_eval, setup_logging
 
@@ -106,12 +106,15 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
                           f"{whisper.model.config.max_target_positions - room}; at most {room}")
     if cfg.gradient_checkpointing:
         whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.precision() != "no" and not zero_stage(accelerator):  # DeepSpeed casts the whole module itself
+        saved = cast_frozen(whisper.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision()])
+        log.info("frozen weights held in %s: %.2f GiB saved", cfg.precision(), saved / 2**30)
     return whisper, groups
 
 
 def build_optimizer(cfg: TrainConfig, groups: dict, device: torch.device) -> torch.optim.AdamW:
-    """AdamW on trainable parameters only; the embedding (new rows only, via a gradient
-    mask) gets no weight decay, which would otherwise move every frozen row."""
+    """AdamW on trainable parameters only; the domain-token rows get no weight decay (they
+    start at the mean embedding and are pulled toward zero by nothing but the loss)."""
     decay = [p for name, ps in groups.items() if name != "domain_token_rows" for p in ps]
     param_groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                     {"params": groups["domain_token_rows"], "weight_decay": 0.0}]
@@ -121,7 +124,7 @@ def build_optimizer(cfg: TrainConfig, groups: dict, device: torch.device) -> tor
 
 def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, groups: dict,
                   train: ShardedSamples, steps_per_epoch: int, total_steps: int) -> str:
-    counts = count_trainable(groups, whisper.new_token_rows)
+    counts = count_trainable(groups)
     total = sum(p.numel() for p in whisper.model.parameters())
     world, accum, batch = accelerator.num_processes, cfg.grad_accum, cfg.per_device_train_batch_size
     lines = [
@@ -150,7 +153,7 @@ def precision_mode(cfg: TrainConfig, accelerator: Accelerator) -> str:
         return "fp32 throughout"
     if zero_stage(accelerator):
         return f"DeepSpeed casts the model to {cfg.precision()}, keeps fp32 master weights of what trains"
-    return f"{cfg.precision()} autocast over fp32 weights"
+    return f"{cfg.precision()} autocast; trained weights fp32, frozen ones {cfg.precision()}"
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
@@ -547,9 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         if cfg.plan:  # before any Accelerator: no device, no weights
-            print(f"precision {cfg.precision()} ({cfg.precision_source}); the figures assume 16-bit activations")
+            print(f"precision {cfg.precision()} ({cfg.precision_source})")
             print(plan_table(cfg.base_model, cfg.train_encoder_layers, cfg.train_decoder_layers,
-                             cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
+                             cfg.per_device_train_batch_size, cfg.plan_tokens, cfg.precision(), processes()))
             return 0
         return train(cfg)
     except (ConfigError, DatasetError, ModelLoadError, checkpoint.CheckpointError, rundir.RunDirError) as exc:

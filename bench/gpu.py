@@ -51,8 +51,8 @@ def build_model(path: Path, smoke: bool) -> Path:
     return path
 
 
-def mean_label_tokens(data: Path, model: Path) -> float:
-    """Text tokens + <|endoftext|> per training clip, with the tokenizer the loop uses."""
+def label_tokens(data: Path, model: Path) -> tuple[float, int]:
+    """Text tokens + <|endoftext|> per training clip (mean, max), with the tokenizer the loop uses."""
     import tarfile
 
     from transformers import AutoTokenizer
@@ -64,7 +64,7 @@ def mean_label_tokens(data: Path, model: Path) -> float:
             for m in tf.getmembers():
                 if m.name.endswith(".txt"):
                     counts.append(len(tok.encode(tf.extractfile(m).read().decode(), add_special_tokens=False)) + 1)
-    return statistics.mean(counts)
+    return statistics.mean(counts), max(counts)
 
 
 def run_preset(preset: str, data: Path, model: Path, out: Path, steps: int, batch: int, smoke: bool) -> dict:
@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     from wdx.plan import plan_gib
 
     config = WhisperConfig.from_pretrained(model)
-    labels = mean_label_tokens(data, model)
+    labels, longest = label_tokens(data, model)
     flops = train_flops_per_sample(config, round(labels), 4, 4)
     device = torch.cuda.get_device_name(0) if not smoke else "CPU (smoke: numbers mean nothing)"
     peak = peak_tflops(device) if not smoke else None
-    plan = plan_gib(config, 4, 4, args.batch, gpus=1)
+    # the peak comes with the longest batch: planned at the longest transcript (+ 4 prompt inputs)
+    plan = plan_gib(config, 4, 4, args.batch, longest + 4, "bf16", gpus=1)
     presets = {"single_gpu": ("cpu", "DDP"), "zero2": ("cpu_zero2_2proc", "ZeRO-2")}
     results = {"device": device, "geometry": "tiny" if smoke else "whisper-large-v3 (random init)",
                "batch": args.batch, "steps": args.steps, "label_tokens_per_sample": labels,

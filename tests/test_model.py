@@ -19,8 +19,10 @@ def test_domain_tokens_get_ids_at_or_above_the_model_vocab_and_nothing_shrinks(t
     assert emb.shape[0] == vocab + 2 and w.model.config.vocab_size == vocab + 2
     assert torch.equal(emb[:vocab], base.get_input_embeddings().weight)  # old rows untouched
     mean = base.get_input_embeddings().weight.mean(0)
-    assert torch.allclose(emb[vocab], mean) and torch.allclose(emb[vocab + 1], mean)
-    assert w.model.proj_out.weight is emb  # still tied
+    rows = w.model.model.decoder.embed_tokens.domain_rows  # the rows that train: their own parameter
+    assert rows.shape == (2, w.model.config.d_model) and torch.allclose(rows, mean.expand(2, -1))
+    assert w.model.proj_out.weight is emb and w.model.proj_out.domain_rows is rows  # still tied, both of them
+    assert not emb.requires_grad and rows.requires_grad
     # the filled-in ids are the timestamps the tokenizer was missing, by their real names
     assert w.tokenizer.convert_ids_to_tokens(len(base_tok)) == "<|0.00|>"
     assert w.tokenizer.convert_ids_to_tokens(vocab - 1) == "<|30.00|>"
@@ -52,21 +54,15 @@ def test_after_one_step_only_the_intended_parameters_moved(tiny_model):
     expected_dec = {n for n in before if any(n.startswith(f"model.decoder.layers.{i}.{part}")
                                              for i in (n_dec - 2, n_dec - 1)
                                              for part in ("self_attn.", "encoder_attn.", "fc1.", "fc2."))}
-    emb = "model.decoder.embed_tokens.weight"
-    assert changed == expected_enc | expected_dec | {emb}
+    assert changed == expected_enc | expected_dec | {"model.decoder.embed_tokens.domain_rows"}
     assert not any("decoder" in n and "layer_norm" in n for n in changed)  # decoder: attention + MLP only
-    # inside the embedding, only the new rows moved; the other rows are bit-identical
-    # (weight decay would have moved them all: the embedding's group has none)
-    rows = w.model.get_input_embeddings().weight
-    moved = (rows != before[emb]).any(dim=1).nonzero().flatten().tolist()
-    assert moved == w.new_token_rows
 
 
 def test_freezing_counts_match_the_groups(tiny_model):
     from wdx.model import count_trainable
 
     w, groups = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=0)
-    counts = count_trainable(groups, w.new_token_rows)
+    counts = count_trainable(groups)
     block = sum(p.numel() for p in w.model.model.encoder.layers[-1].parameters())
     assert counts == {"encoder_blocks": block, "decoder_attention": 0, "decoder_mlp": 0,
                       "domain_token_rows": 2 * w.model.config.d_model}
@@ -97,12 +93,12 @@ def test_generation_never_emits_a_domain_or_timestamp_token(tiny_model):
     notimestamps = tok.convert_tokens_to_ids("<|notimestamps|>")
     assert set(range(notimestamps + 1, model.config.vocab_size)) <= suppressed  # timestamps + both domain tokens
     assert max(suppressed) == w.domain_token_ids["<|domain:dyslexic|>"]
-    # make <|domain:dyslexic|> the most likely next token after a "normal" prompt (tied output)
+    # make <|domain:dyslexic|> the most likely next token after a "normal" prompt (its row is tied to the output)
     features, prompt = torch.randn(1, 80, 3000), torch.tensor([prompt_ids(tok, "ko", "normal")])
     with torch.no_grad():
         hidden = model(input_features=features, decoder_input_ids=prompt, output_hidden_states=True)
         last = hidden.decoder_hidden_states[-1][0, -1]
-        model.get_input_embeddings().weight[w.domain_token_ids["<|domain:dyslexic|>"]] = 100 * last / last.norm()
+        model.model.decoder.embed_tokens.domain_rows[1] = 100 * last / last.norm()
     stored = model.generation_config.suppress_tokens
     model.generation_config.suppress_tokens = None
     unsuppressed = generate(model, features, prompt, max_new_tokens=3)

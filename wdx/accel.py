@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from .config import ConfigError, TrainConfig, deepspeed_json, launched_with_deepspeed, read_json
 
@@ -33,6 +33,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     plugin = deepspeed_plugin(cfg)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else []
+    # DDP's gradients become views into its all-reduce buckets instead of a second copy
+    handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
     try:
         accelerator = Accelerator(cpu=cpu_distributed and plugin is None, mixed_precision=cfg.precision(),
                                   deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,

@@ -32,6 +32,9 @@ STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 STATE_FILE, FINGERPRINT_FILE, CONFIG_FILE = "train_state.json", "model_fingerprint.json", "train_config.json"
 MANIFEST_FILE = "manifest.json"
+# How the domain-token rows are stored: their own parameter since this value existed; before,
+# rows of the embedding trained through a gradient mask (other optimizer state, other keys).
+DOMAIN_ROWS = "parameter"
 
 
 class CheckpointError(ValueError):
@@ -243,7 +246,7 @@ def fingerprint(model, tokenizer, base_model: str) -> dict:
     c = model.config
     return {"base_model": base_model, "vocab_size": model.get_input_embeddings().weight.shape[0],
             "d_model": c.d_model, "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers,
-            "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(tokenizer)}
+            "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(tokenizer), "domain_rows": DOMAIN_ROWS}
 
 
 def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
@@ -252,6 +255,9 @@ def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
     if not path.exists():
         raise CheckpointError(f"{checkpoint}: no {FINGERPRINT_FILE}; not a checkpoint written by train_loop.py")
     saved = json.loads(path.read_text())
+    if saved.get("domain_rows") != current.get("domain_rows"):
+        raise CheckpointError(f"{checkpoint}: written by an older version of this trainer, whose domain-token rows "
+                              "trained inside the embedding; resume or --export it with the version that wrote it")
     differ = [k for k in current if k != "base_model" and saved.get(k) != current[k]]
     if differ:
         details = ", ".join(f"{k} {saved.get(k)} vs {current[k]}" for k in differ)

@@ -21,6 +21,14 @@ from .model import PROMPT_TOKENS, max_text_tokens
 IGNORE = -100
 
 
+def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions, token ids) of the labels that count: what the loss projects and scores.
+    Computed with the batch on the host, so the device never syncs to learn their number."""
+    flat = labels.flatten()
+    positions = (flat != IGNORE).nonzero().squeeze(1)
+    return positions, flat[positions]
+
+
 def prompt_ids(tokenizer, language: str, domain: str) -> list[int]:
     """The five prompt ids: the same at training, evaluation and inference."""
     tokens = [t.format(language=language) for t in PROMPT_TOKENS] + [domain_token(domain)]
@@ -46,7 +54,7 @@ def make_text_encoder(tokenizer, max_target_positions: int) -> Callable[[str], l
 
 
 class Collator:
-    """Samples -> {audio, decoder_input_ids, labels, domain, text, key, ...}."""
+    """Samples -> {audio, decoder_input_ids, labels, label_positions, label_ids, domain, text, key, ...}."""
 
     def __init__(self, tokenizer, language: str) -> None:
         self.prompts = {d: prompt_ids(tokenizer, language, d) for d in ("normal", "dyslexic")}
@@ -66,6 +74,8 @@ class Collator:
         for i, seq in enumerate(seqs):
             inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
             labels[i, n_prompt - 1: len(seq) - 1] = torch.tensor(seq[n_prompt:])
-        return dict(audio=pad_audio(samples), decoder_input_ids=inputs, labels=labels,
+        positions, targets = label_targets(labels)
+        return dict(audio=pad_audio(samples), decoder_input_ids=inputs, labels=labels, label_positions=positions,
+                    label_ids=targets,
                     prompt_ids=torch.tensor([self.prompts[s["domain"]] for s in samples]),
                     **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})

@@ -105,7 +105,9 @@ class TrainConfig:
     hub_private: bool = opt(True, "create the Hub repo private", group="tracking")
     # --- tools
     plan: bool = opt(False, "print the per-GPU memory plan for --base-model under DDP / ZeRO-2 / ZeRO-3 / offload "
-                            "(config only, meta device) and exit", group="tools")
+                            "(two steps simulated on fake tensors: no GPU, no weights) and exit", group="tools")
+    plan_tokens: int = opt(448, "--plan: decoder tokens per sample (5 prompt tokens + transcript); the default is "
+                                "the decoder's whole context, the worst case", group="tools")
     print_config: bool = opt(False, "print the resolved plan (params, batches, steps, paths) and exit",
                              group="tools")
     debug_step: int = opt(0, "run K steps on one fixed batch, print a per-phase timing table, exit",

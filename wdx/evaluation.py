@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from .accel import gather_list, sum_counts
-from .collate import IGNORE
+from .collate import IGNORE, label_targets
 from .features import log_mel
 from .metrics import by_domain
 
@@ -46,11 +46,14 @@ def token_loss_sum(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
 
     A sum, not a mean: the caller divides by the label tokens of everything it averages
     over (a whole optimizer step, a whole eval split), so short and long transcripts
-    weigh by their tokens. No KV cache: a training forward never reuses one.
+    weigh by their tokens. Only label positions are projected, in chunks, with no KV cache
+    (wdx.lm_head.DomainWhisper).
     """
-    out = model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
-    return torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(),
-                                             ignore_index=IGNORE, reduction="sum")
+    positions, targets = batch.get("label_positions"), batch.get("label_ids")
+    if positions is None:
+        positions, targets = label_targets(batch["labels"])
+    return model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], label_positions=positions,
+                 label_ids=targets)
 
 
 @torch.no_grad()

@@ -6,8 +6,13 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+from transformers import WhisperForConditionalGeneration
+
+from .accel import whole_model_init
 from .config import ConfigError
 from .domains import DOMAIN_TOKENS
+from .lm_head import EMBEDDING_KEY, ROWS_KEY, plain_whisper
 from .metrics import format_table
 
 log = logging.getLogger(__name__)
@@ -15,19 +20,43 @@ log = logging.getLogger(__name__)
 
 def write_final(accelerator, model, tokenizer, feature_extractor, out: str | Path, config_json: str,
                 eval_results: dict | None) -> Path:
-    """Gather full weights (ZeRO-3 included) and save a loadable model directory; all processes call this."""
+    """Save a standard, loadable Whisper directory; all processes call this (ZeRO-3 gathers).
+
+    The weights are the base model's, read again in fp32, with the trained tensors put in
+    and the domain-token rows merged into the embedding: frozen weights are the base's bit
+    for bit even when training held them in bf16, and the directory loads as a plain
+    WhisperForConditionalGeneration (no wdx code needed to run it).
+    """
     out = Path(out)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers 16-bit weights under ZeRO-3
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        cfg = json.loads(config_json)
+        trained = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+        with whole_model_init(accelerator):  # only this process loads: no ZeRO-3 partitioning
+            final = final_model(cfg["base_model"], unwrapped, {n: state_dict[n] for n in trained})
+        final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         feature_extractor.save_pretrained(out)
         (out / "train_config.json").write_text(config_json)
-        (out / "README.md").write_text(model_card(json.loads(config_json), eval_results))
+        (out / "README.md").write_text(model_card(cfg, eval_results))
     accelerator.wait_for_everyone()
     return out
+
+
+def final_model(base_model: str, trained_model, trained: dict[str, torch.Tensor]) -> WhisperForConditionalGeneration:
+    """The base model's weights, read again in fp32, with the `trained` tensors in place."""
+    state = WhisperForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32).state_dict()
+    embedding = state[EMBEDDING_KEY]
+    grow = trained_model.config.vocab_size - embedding.shape[0]  # (a ZeRO-3 parameter has no shape here)
+    if grow:  # the domain tokens' rows, filled from the trained rows by plain_whisper
+        state[EMBEDDING_KEY] = torch.cat([embedding, embedding.new_zeros(grow, embedding.shape[1])])
+    unknown = sorted(set(trained) - set(state) - {ROWS_KEY})
+    if unknown:
+        raise RuntimeError(f"--base-model {base_model}: has no {unknown[:3]}; cannot write final/")
+    state.update({n: t.float() for n, t in trained.items()})
+    return plain_whisper(trained_model.config, trained_model.generation_config, state)
 
 
 def model_card(cfg: dict, eval_results: dict | None) -> str:

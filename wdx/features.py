@@ -21,7 +21,7 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
 
 
 @functools.lru_cache(maxsize=8)
-def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
+def mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
     filters = mel_filter_bank(num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
                               max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
     return torch.from_numpy(filters).to(device, torch.float32).T.contiguous()  # [n_mels, n_freq]
@@ -48,7 +48,7 @@ def log_mel(audio: torch.Tensor, n_mels: int, dtype: torch.dtype = torch.float32
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
     power = stft.real.square() + stft.imag.square()  # 4x faster than abs() ** 2 on CPU
     power = torch.nn.functional.pad(power, (0, N_FRAMES + 1 - power.shape[-1]))[..., :-1]
-    mel = _mel_filters(n_mels, audio.device) @ power
+    mel = mel_filters(n_mels, audio.device) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0
     return ((torch.maximum(log_spec, floor) + 4.0) / 4.0).to(dtype)

@@ -116,7 +116,7 @@ def load(model_dir: str | Path) -> tuple[WhisperForConditionalGeneration, object
         cfg = json.loads((path / "train_config.json").read_text())
         whisper, _ = setup(cfg["base_model"], language=cfg["language"], encoder_layers=0, decoder_layers=0)
         missing, unexpected = whisper.model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-        if unexpected or set(missing) - {"proj_out.weight"}:  # proj_out is tied to the embedding
+        if unexpected or set(missing) - {"proj_out.weight", "proj_out.domain_rows"}:  # tied to the embedding
             raise ValueError(f"{path}: weights do not fit {cfg['base_model']} (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         return whisper.model, whisper.tokenizer

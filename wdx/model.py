@@ -5,11 +5,13 @@ Three pitfalls of the usual scripts are avoided here, each with a test (DESIGN.m
   the domain tokens ids the model already uses, and `resize_token_embeddings(len(tok))`
   would shrink the matrix: the tokenizer is first filled up to the model's vocab;
 - tokens added after the freeze would make the whole embedding (and the tied output
-  projection) trainable: the freeze comes last and a gradient mask lets only the new rows
-  move (the embedding's optimizer group has no weight decay, so other rows stay
-  bit-identical);
+  projection) trainable: the domain-token rows become their own parameter (wdx.lm_head)
+  and the embedding is frozen whole;
 - dropout is read by the modules at construction, so it is set in the config before the
   model is built.
+And one of transformers 5: `from_pretrained` loads in the checkpoint's dtype by default
+(fp16 for openai/whisper-large-v3), which would leave the trained weights without fp32
+masters; the model is loaded in fp32 and only frozen weights are narrowed (`cast_frozen`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from .domains import DOMAIN_TOKENS
+from .lm_head import DomainEmbedding, DomainWhisper, install_domain_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditio
     try:
         config = WhisperConfig.from_pretrained(base_model)
         config.dropout = dropout  # must be set before the modules are built
-        model = WhisperForConditionalGeneration.from_pretrained(base_model, config=config)
+        model = DomainWhisper.from_pretrained(base_model, config=config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(base_model)
     except (OSError, ValueError) as exc:
@@ -74,10 +77,11 @@ def fill_tokenizer_to_vocab(tokenizer, vocab_size: int) -> int:
 
 
 def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer) -> tuple[dict[str, int], list[int]]:
-    """Give each domain token an id >= the model's vocab size and an embedding row.
+    """Give each domain token an id >= the model's vocab size and a trainable row of its own.
 
     New rows start at the mean of the existing rows: a neutral token the decoder already
-    knows how to read, instead of a random vector of the wrong scale.
+    knows how to read, instead of a random vector of the wrong scale. A base model that
+    already has them (a previous run's final/) keeps its trained rows, which train on.
     """
     vocab = model.get_input_embeddings().weight.shape[0]
     filled = fill_tokenizer_to_vocab(tokenizer, vocab)
@@ -86,24 +90,27 @@ def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer) -> tupl
     tokenizer.add_special_tokens({"additional_special_tokens": list(DOMAIN_TOKENS)},
                                  replace_extra_special_tokens=False)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in DOMAIN_TOKENS}
-    new_rows = sorted(i for i in ids.values() if i >= vocab)
     if len(tokenizer) > vocab:
         with torch.no_grad():
             mean = model.get_input_embeddings().weight.mean(dim=0)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            model.get_input_embeddings().weight[new_rows] = mean
-    assert min(ids.values()) >= vocab or not new_rows, ids
-    model.config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    return ids, new_rows
+            model.get_input_embeddings().weight[vocab:] = mean
+    size = model.get_input_embeddings().weight.shape[0]
+    rows = sorted(ids.values())
+    if rows != list(range(size - len(rows), size)):
+        raise ModelLoadError(f"domain tokens {ids} are not the last rows of the {size}-row embedding")
+    install_domain_rows(model, rows[0])
+    model.config.vocab_size = size
+    return ids, rows
 
 
 def freeze_except(model: WhisperForConditionalGeneration, encoder_layers: int, decoder_layers: int,
-                  new_rows: list[int]) -> dict[str, list[torch.nn.Parameter]]:
+                  ) -> dict[str, list[torch.nn.Parameter]]:
     """Freeze everything, then unfreeze the chosen parts; returns the trainable params by group.
 
     Trains: the last `encoder_layers` encoder blocks (whole blocks); attention (self and
-    cross) and MLP of the last `decoder_layers` decoder blocks; the embedding rows of the
-    new tokens only (the rest of the embedding and its tied output projection stay put).
+    cross) and MLP of the last `decoder_layers` decoder blocks; the domain-token rows (their
+    own parameter; the embedding and its tied output projection stay put).
     """
     model.requires_grad_(False)
     encoder, decoder = model.model.encoder, model.model.decoder
@@ -114,26 +121,39 @@ def freeze_except(model: WhisperForConditionalGeneration, encoder_layers: int, d
     for block in list(decoder.layers)[len(decoder.layers) - decoder_layers:] if decoder_layers else []:
         groups["decoder_attention"] += [*block.self_attn.parameters(), *block.encoder_attn.parameters()]
         groups["decoder_mlp"] += [*block.fc1.parameters(), *block.fc2.parameters()]
+    if isinstance(decoder.embed_tokens, DomainEmbedding):
+        groups["domain_token_rows"].append(decoder.embed_tokens.domain_rows)
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
-    if new_rows:
-        weight = model.get_input_embeddings().weight
-        weight.requires_grad_(True)
-        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        mask[new_rows] = 1
-        # The tied output projection shares this Parameter, so one hook covers both uses.
-        weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
-        groups["domain_token_rows"].append(weight)
     return groups
 
 
-def count_trainable(groups: dict[str, list[torch.nn.Parameter]], new_rows: list[int]) -> dict[str, int]:
-    """Parameters that can change, by group (the embedding counts its new rows only)."""
-    counts = {name: sum(p.numel() for p in params) for name, params in groups.items() if name != "domain_token_rows"}
-    rows = groups.get("domain_token_rows", [])
-    counts["domain_token_rows"] = len(new_rows) * rows[0].shape[1] if rows else 0
-    return counts
+def count_trainable(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, int]:
+    """Parameters that can change, by group."""
+    return {name: sum(p.numel() for p in params) for name, params in groups.items()}
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Hold frozen weights in the compute dtype; returns the bytes saved.
+
+    Under autocast every frozen matmul weight is rounded to `dtype` at each use anyway
+    (and a copy kept for backward), so storing it rounded changes no product. Layer norms
+    and positional embeddings stay fp32: autocast runs layer norm in fp32, and fp32
+    positions keep the residual stream in fp32 as before. Trainable weights keep fp32.
+    """
+    saved, seen = 0, set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) or name.endswith("embed_positions"):
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            seen.add(id(p))
+            saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+            p.data = p.data.to(dtype)
+    return saved
 
 
 def max_text_tokens(max_target_positions: int) -> int:
@@ -180,5 +200,5 @@ def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers
     model, tokenizer, feature_extractor = load_base(base_model, dropout)
     ids, new_rows = add_domain_tokens(model, tokenizer)
     set_generation_config(model, tokenizer, language)
-    groups = freeze_except(model, encoder_layers, decoder_layers, new_rows)
+    groups = freeze_except(model, encoder_layers, decoder_layers)
     return Whisper(model, tokenizer, feature_extractor, ids, new_rows), groups

@@ -1,30 +1,43 @@
 """--plan: what a configuration needs per GPU, before any GPU or download is touched.
 
-The model is built on the meta device from its config alone. Model-state bytes use the
-per-parameter costs of DeepSpeed's own ZeRO estimators (16-bit weights 2 B; per trained
-parameter 2 B 16-bit grad + 4 B fp32 grad + 4 B fp32 master + 8 B Adam moments = 18 B),
-applied separately to frozen and trained parameters: DeepSpeed's estimators assume every
-parameter trains, which overstates this project's case several-fold (their figure is
-printed alongside). Activations are a rough per-sample estimate (34 * seq * d_model bytes
-per stored block, SDPA attention, labels of LABEL_TOKENS tokens); measure before trusting
-the last gigabyte.
+The plan is not a formula: it runs two steps of this trainer's own code (the same
+model set-up, freezing, frozen-weight cast, log-mel, loss and AdamW) on fake tensors
+(`FakeTensorMode`: shapes and dtypes, no storage) and counts the bytes of every live
+tensor (wdx.memory.LiveBytes). Precision, autocast copies, the label length, the domain
+rows and whatever changes in the loop are therefore priced as they are, for any model
+size, in seconds on a CPU. The simulation runs on the CPU's autocast; on a GPU, the
+attention kernels keep about as much (both use flash-style kernels that store the
+output and a log-sum-exp only).
+
+On top of one process's step, per strategy: DDP gradient buckets (the gradients are views
+into them: one copy, kept between steps); DeepSpeed's fp32 master weights, fp32 gradient
+partition and Adam moments (each / processes), its reduce/all-gather buckets as set in
+ds_configs/, and ZeRO-3's sharded weights plus the ones gathered around the running layer.
+What no tensor count sees is added as CUDA_CONTEXT (CUDA/cuBLAS/NCCL, outside
+`max_memory_allocated`) and ALLOCATOR_SLACK (the caching allocator reserves more than it
+hands out). tests/test_plan.py checks the simulated step against the CPU allocator's own
+peak on real steps; `python -m bench.gpu` sets it beside `torch.cuda.max_memory_allocated`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-from .model import freeze_except
+from transformers import WhisperConfig
 
 GIB = 2**30
-LABEL_TOKENS = 128
-CONTEXT_OVERHEAD = 1.0 * GIB  # CUDA context, allocator slack, comm buffers
 CARDS_GIB = (16, 24, 40, 80)
+CUDA_CONTEXT = 0.6 * GIB
+ALLOCATOR_SLACK = 0.10
+N_DOMAIN_TOKENS = 2
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 # Offline configs of the official checkpoints, for planning without the Hub.
 KNOWN = {
@@ -55,79 +68,190 @@ def load_config(base_model: str) -> WhisperConfig:
 
 
 @dataclass
-class Counts:
-    total: int  # after adding the domain tokens
-    trainable: int
-    largest_layer: int
-    config: WhisperConfig
+class Step:
+    """One process's simulated training step, in bytes."""
+
+    params: int  # parameters: count
+    trainable: int  # trained parameters: count
+    largest: int  # the largest parameter: count (ZeRO-3 gathers at least this)
+    weights: int  # parameter bytes as held
+    peak: int  # everything live at the step's peak (weights, grads, optimizer, activations, temporaries)
 
 
-def count_params(config: WhisperConfig, encoder_layers: int, decoder_layers: int, n_new_tokens: int = 2) -> Counts:
-    with torch.device("meta"):
-        model = WhisperForConditionalGeneration(config)
-    groups = freeze_except(model, encoder_layers, decoder_layers, new_rows=[])
-    trainable = sum(p.numel() for ps in groups.values() for p in ps) + n_new_tokens * config.d_model
-    total = sum(dict((id(p), p.numel()) for p in model.parameters()).values()) + n_new_tokens * config.d_model
-    largest = max(p.numel() for p in model.parameters())
-    return Counts(total, trainable, largest, config)
+def simulate(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
+             precision: str, deepspeed: bool, fake: bool = True) -> Step:
+    """Two training steps of the loop's code (`training_step`); the peak of live tensor bytes.
+
+    `fake`: on fake tensors, counted by LiveBytes (the plan). Otherwise on real tensors of a
+    random-init model, the second step measured by the CPU allocator (the check of the plan).
+    """
+    return measure(lambda: training_step(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed),
+                   config.num_mel_bins, fake)
 
 
-def activation_bytes(c: Counts, encoder_layers: int, decoder_layers: int) -> int:
-    """Bytes kept for backward per sample (16-bit): trained encoder blocks; every decoder
-    block when gradients must reach the embedding (new token rows), with its cross-attention
-    keys/values of the 1500 encoder frames; fp32 logits for the loss."""
-    d, frames, t = c.config.d_model, c.config.max_source_positions, LABEL_TOKENS
-    encoder = encoder_layers * 34 * frames * d
-    decoder_blocks = c.config.decoder_layers  # the embedding trains: gradients cross every block
-    decoder = decoder_blocks * (34 * t * d + 2 * 2 * frames * d)
-    logits = 2 * 4 * t * c.config.vocab_size
-    return encoder + decoder + logits
+def measure(build, n_mels: int, fake: bool = True) -> Step:
+    """Peak bytes of two steps of `build()` -> (model, trainable, optimizer, run_step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .features import mel_filters
+    from .memory import LiveBytes, measured_peak, tensor_bytes
+
+    live = LiveBytes()
+    # log-mel caches its filter bank: made real here, so a fake one never lands in the cache
+    mel_filters(n_mels, torch.device("cpu"))
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        model, trainable, optimizer, run_step = build()
+        if fake:
+            for p in model.parameters():
+                live.add(p)
+            with live:
+                run_step()
+                run_step()
+            peak = live.peak
+        else:
+            run_step()
+            states = [t for s in (optimizer.state.values() if optimizer else []) for t in s.values()]
+            peak = tensor_bytes([*model.parameters(), *states]) + measured_peak(run_step)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        return Step(params=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in trainable),
+                    largest=max(p.numel() for p in model.parameters()), weights=weights, peak=peak)
 
 
-def strategies(c: Counts, gpus: int) -> dict[str, dict[str, float]]:
-    """Per-GPU bytes by part, for each strategy."""
-    P, T, L = c.total, c.trainable, c.largest_layer
-    frozen = P - T
-    return {
-        "DDP": dict(weights=4 * P, grads=4 * T, optimizer=8 * T, cpu=0),  # fp32 weights + autocast
-        "ZeRO-2": dict(weights=2 * P, grads=(2 + 4) * T / gpus, optimizer=(4 + 8) * T / gpus, cpu=0),
-        "ZeRO-3": dict(weights=2 * P / gpus + 4 * L, grads=(2 + 4) * T / gpus, optimizer=(4 + 8) * T / gpus, cpu=0),
-        "ZeRO-3+offload": dict(weights=4 * L, grads=0, optimizer=0, cpu=(2 * frozen + 18 * T) * 1.5),
-    }
+def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
+                  precision: str, deepspeed: bool):
+    """The model as the loop sets it up (random init), its trainable parameters, optimizer,
+    and a closure running one training step on a batch of `tokens` decoder positions.
+
+    `deepspeed`: the module is cast whole to 16 bits, there is no autocast, and each
+    gradient leaves the parameter as soon as it is complete (DeepSpeed copies it into its
+    reduce bucket); its optimizer and buckets are added by `per_gpu`. Otherwise: frozen
+    weights in the compute dtype, trained ones fp32 under autocast, fused AdamW, as the loop.
+    """
+    from .evaluation import token_loss_sum
+    from .features import N_SAMPLES, log_mel
+    from .lm_head import DomainWhisper, install_domain_rows
+    from .model import cast_frozen, freeze_except, max_text_tokens
+
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    config = copy.deepcopy(config)
+    vocab = config.vocab_size
+    config.vocab_size = vocab + N_DOMAIN_TOKENS
+    text = min(max(tokens - 5, 0), max_text_tokens(config.max_target_positions))
+    model = DomainWhisper(config)
+    install_domain_rows(model, vocab)
+    groups = freeze_except(model, encoder_layers, decoder_layers)
+    trainable = [p for ps in groups.values() for p in ps]
+    optimizer = None
+    if deepspeed:
+        for p in model.parameters():  # as DeepSpeed's engine casts its module (.to() cannot swap fake tensors)
+            p.data = p.data.to(low or torch.float32)
+        for p in trainable:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    else:
+        if low is not None:
+            cast_frozen(model, low)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
+
+    def run_step() -> None:
+        ids = torch.zeros(batch, 5 + text, dtype=torch.long)
+        positions = torch.arange(batch * (5 + text)).reshape(batch, -1)[:, 4:].flatten()
+        features = log_mel(torch.zeros(batch, N_SAMPLES), config.num_mel_bins, model.dtype)
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None and not deepspeed):
+            loss = token_loss_sum(model, features, dict(decoder_input_ids=ids, label_positions=positions,
+                                                        label_ids=torch.zeros_like(positions)))
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return model, trainable, optimizer, run_step
 
 
-def plan_gib(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int,
-             gpus: int = 1) -> dict[str, float]:
-    """The planned per-GPU total (GiB) for each strategy: what bench.gpu sets beside its measurement."""
-    c = count_params(config, encoder_layers, decoder_layers)
-    act = activation_bytes(c, encoder_layers, decoder_layers)
-    return {name: (s["weights"] + s["grads"] + s["optimizer"] + batch * act + CONTEXT_OVERHEAD) / GIB
-            for name, s in strategies(c, gpus).items()}
+def ds_buckets(stage: int) -> dict[str, float]:
+    """Bucket sizes (elements) of the shipped ds_configs/ preset for `stage`."""
+    zero = json.loads((DS_CONFIGS / f"zero{stage}.json").read_text())["zero_optimization"]
+    return {k: float(v) for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch: int, gpus: int = 1) -> str:
-    c = count_params(load_config(base_model), encoder_layers, decoder_layers)
-    act = activation_bytes(c, encoder_layers, decoder_layers)
-    lines = [f"memory plan for {base_model}: {c.total:,} parameters, {c.trainable:,} trained "
-             f"({100 * c.trainable / c.total:.1f} %), {gpus} GPU(s), batch {batch} per GPU",
-             f"  activations ~{act / GIB:.2f} GiB per sample (labels of {LABEL_TOKENS} tokens); "
-             f"+{CONTEXT_OVERHEAD / GIB:.0f} GiB context/buffers",
-             f"  {'strategy':<15}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}{'host RAM':>10}   "
-             + "  ".join(f"{g} GiB card" for g in CARDS_GIB)]
-    for name, s in strategies(c, gpus).items():
-        total = s["weights"] + s["grads"] + s["optimizer"] + batch * act + CONTEXT_OVERHEAD
-        fits = []
-        for card in CARDS_GIB:
-            room = card * GIB - (total - batch * act)
-            fits.append(f"{'no':>10}" if room < act else f"{'yes, b<=' + str(math.floor(room / act)):>10}")
-        lines.append(f"  {name:<15}{s['weights'] / GIB:>9.2f}{s['grads'] / GIB:>8.2f}{s['optimizer'] / GIB:>8.2f}"
-                     f"{batch * act / GIB:>8.2f}{total / GIB:>8.2f}{s['cpu'] / GIB:>10.1f}   " + "  ".join(fits))
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+def per_gpu(step: Step, strategy: str, gpus: int, half: int = 2) -> dict[str, float]:
+    """Bytes per GPU by part: `states` (model states beyond the simulated step), `buckets`,
+    and `host` (CPU RAM), added to the step's simulated peak."""
+    T, P = step.trainable, step.params
+    if strategy == "DDP":
+        return dict(step=step.peak, states=0, buckets=4 * T if gpus > 1 else 0, host=0)
+    sharded_states = (4 + 4 + 8) * T / gpus  # fp32 master, fp32 gradient partition, Adam moments
+    if strategy == "ZeRO-2":
+        b = ds_buckets(2)
+        buckets = (2 * b["reduce_bucket_size"] + b["allgather_bucket_size"]) * half  # reduce: double-buffered
+        return dict(step=step.peak, states=sharded_states, buckets=buckets, host=0)
+    b = ds_buckets(3)
+    gathered = 2 * max(b["stage3_prefetch_bucket_size"], step.largest) * half  # the running layer + prefetch
+    weights = step.weights / gpus + gathered - step.weights  # replaces the whole 16-bit copy of the simulation
+    buckets = 2 * b["reduce_bucket_size"] * half
+    if strategy == "ZeRO-3":
+        return dict(step=step.peak + weights, states=sharded_states, buckets=buckets, host=0)
+    return dict(step=step.peak + weights, states=0, buckets=buckets,  # ZeRO-3 + offload: states in host RAM
+                host=sharded_states * gpus * 1.5)  # pinned buffers on top; all local processes share the host
 
-    z2 = estimate_zero2_model_states_mem_needs(c.total, gpus, 1, cpu_offload=False)[1]
-    z3 = estimate_zero3_model_states_mem_needs(c.total, c.largest_layer, gpus, 1, cpu_offload=False)[1]
-    lines.append(f"  DeepSpeed's estimators with every parameter trained (an upper bound): ZeRO-2 "
-                 f"{z2 / GIB:.2f} GiB, ZeRO-3 {z3 / GIB:.2f} GiB of model states per GPU")
-    lines.append("  GiB throughout; 'b<=N': the largest per-GPU batch that fits by this estimate.")
+
+def card_needs(allocated: float) -> float:
+    """What a card must have for `allocated` bytes at peak."""
+    return allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT
+
+
+def processes() -> int:
+    """Processes per the launcher (WORLD_SIZE), else the default accelerate config, else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    try:
+        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+        if os.path.isfile(default_config_file):
+            return int(load_config_from_file(default_config_file).num_processes or 1)
+    except (ImportError, ValueError, TypeError, AttributeError):
+        pass
+    return 1
+
+
+def plan_gib(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
+             precision: str, gpus: int = 1) -> dict[str, float]:
+    """Allocated peak per GPU (GiB) for each strategy: what bench.gpu sets beside its measurement."""
+    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
+    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
+    out = {"DDP": plain}
+    out.update({s: ds for s in ("ZeRO-2", "ZeRO-3", "ZeRO-3+offload")})
+    return {s: sum(v for k, v in per_gpu(step, s, gpus).items() if k != "host") / GIB for s, step in out.items()}
+
+
+def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
+               precision: str, gpus: int = 1) -> str:
+    config = load_config(base_model)
+    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
+    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
+    lines = [f"memory plan for {base_model}: {plain.params:,} parameters, {plain.trainable:,} trained "
+             f"({100 * plain.trainable / plain.params:.1f} %), {precision}, {gpus} process(es), batch {batch} "
+             f"x {tokens} decoder tokens per GPU",
+             "  simulated: two steps of the loop's own code on fake tensors; GiB per GPU, allocated at the peak",
+             f"  {'strategy':<15}{'step':>7}{'+states':>8}{'+buckets':>9}{'total':>7}{'card':>7}{'host RAM':>10}   "
+             + "  ".join(f"{g} GB card" for g in CARDS_GIB)]
+    for name, step in (("DDP", plain), ("ZeRO-2", ds), ("ZeRO-3", ds), ("ZeRO-3+offload", ds)):
+        part = per_gpu(step, name, gpus)
+        total = part["step"] + part["states"] + part["buckets"]
+        per_sample = max(step.peak - _states_in_step(step, name), 1) / batch  # activations grow with the batch
+        allowed = [(card * 10**9 - CUDA_CONTEXT) / (1 + ALLOCATOR_SLACK) for card in CARDS_GIB]
+        most = [math.floor((a - (total - per_sample * batch)) / per_sample) for a in allowed]
+        fits = [f"{'no' if b < 1 else f'b<={b}':>10}" for b in most]
+        lines.append(f"  {name:<15}{part['step'] / GIB:>7.2f}{part['states'] / GIB:>8.2f}{part['buckets'] / GIB:>9.2f}"
+                     f"{total / GIB:>7.2f}{card_needs(total) / GIB:>7.2f}{part['host'] / GIB:>10.1f}   "
+                     + "  ".join(fits))
+    lines += [f"  'card': total x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + {CUDA_CONTEXT / GIB:.1f} GiB "
+              "(CUDA context); 'b<=N': the largest per-GPU batch that fits the card (GB = 10^9 bytes)",
+              "  DeepSpeed rows: 16-bit module, fp32 master/gradients/Adam sharded over processes, buckets "
+              "from ds_configs/zero{2,3}.json"]
     return "\n".join(lines)
+
+
+def _states_in_step(step: Step, strategy: str) -> float:
+    """Bytes of the simulated peak that do not grow with the batch: weights, and for the
+    non-DeepSpeed step fp32 gradients and Adam moments of the trained parameters."""
+    return step.weights + (0 if strategy != "DDP" else (4 + 8) * step.trainable)
