@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import data_path
+from bench import data_path, memory
 from bench.inputs import make_dataset, make_raw_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,10 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w} workers: loop overhead (time per step, wdx / floor) {ts[f'overhead_w{w}']:.3f}x; "
               f"speed-up over Seq2SeqTrainer {ts[f'speedup_w{w}']:.2f}x")
 
-    from wdx.plan import plan_table
+    # 3. memory: one step's peak, before/after issue 12 (the model's own geometry; see bench/memory.py)
+    mem_batch, mem_tokens = (1, 64) if args.smoke else (4, 448)
+    results["memory"] = mem = memory.bench(str(model), mem_batch, mem_tokens, args.smoke)
+    print(f"\n== memory of one training step (peak allocated, GiB), {model.name} geometry, batch {mem_batch} x "
+          f"{mem_tokens} decoder tokens, last 4 + 4 blocks trained")
+    print(f"{'':<44}{'before':>8}{'after':>8}{'ratio':>7}")
+    for name, r in mem.items():
+        print(f"{name:<44}{r['before_gib']:>8.2f}{r['after_gib']:>8.2f}{r['after_gib'] / r['before_gib']:>7.2f}")
+    if not args.smoke:
+        from wdx.plan import plan_table
 
-    results["plan_large_v3"] = plan = plan_table("openai/whisper-large-v3", 4, 4, batch=8, gpus=1)
-    print("\n== memory plan (train_loop.py --plan), large-v3, 1 GPU\n" + plan)
+        results["plan_large_v3"] = plan = plan_table("openai/whisper-large-v3", 4, 4, 8, 448, "bf16", gpus=1)
+        print("\n== memory plan (train_loop.py --plan), large-v3, 1 GPU\n" + plan)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return 0

@@ -1,5 +1,6 @@
 """The model set-up pitfalls of DESIGN.md, each tested against the buggy behaviour."""
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
@@ -106,3 +107,80 @@ def test_generation_never_emits_a_domain_or_timestamp_token(tiny_model):
     model.generation_config.suppress_tokens = stored
     new = generate(model, features, prompt, max_new_tokens=3)
     assert not set(new.flatten().tolist()) & suppressed
+
+
+def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
+    import pytest
+
+    """Issue 12.1 and 12.3: the same losses, step after step, as the old way (the whole tied
+    embedding trainable with a gradient mask, fp32 logits of every position)."""
+    from bench.memory import legacy_loss, legacy_setup
+    from train_loop import build_optimizer
+    from wdx.collate import IGNORE, Collator
+    from wdx.config import TrainConfig
+    from wdx.evaluation import token_loss_sum
+    from wdx.lm_head import plain_whisper
+
+    w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2)
+    old = plain_whisper(w.model.config, w.model.generation_config,
+                        {k: v.clone() for k, v in w.model.state_dict().items()})  # no shared storage
+    old_groups = legacy_setup(old, 2, 2, w.new_token_rows)
+    cfg = TrainConfig(dataset_root="x", run_name="x", learning_rate=3e-3, weight_decay=0.1)
+    new_opt = build_optimizer(cfg, groups, torch.device("cpu"))
+    old_opt = torch.optim.AdamW([{"params": old_groups["blocks"], "weight_decay": 0.1},
+                                 {"params": old_groups["embedding"], "weight_decay": 0.0}], lr=3e-3, fused=True)
+    texts = ["안녕하세요 오늘은 날씨가 맑고 따뜻합니다", "책을", "저는 사과와 배를 좋아해요 " * 4]
+    batch = Collator(w.tokenizer, "ko")([dict(text=t, domain=("normal", "dyslexic")[i % 2], key=str(i), duration=1.0,
+                                              audio=np.zeros(10, np.float32)) for i, t in enumerate(texts)])
+    assert len(batch["label_ids"]) == (batch["labels"] != IGNORE).sum() < batch["labels"].numel()
+    features = torch.randn(3, w.model.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        pair = []
+        for model, loss_fn, opt in ((w.model, token_loss_sum, new_opt), (old, legacy_loss, old_opt)):
+            loss = loss_fn(model, features, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pair.append(loss.item() / len(batch["label_ids"]))
+        losses.append(pair)
+    assert losses[0][0] > losses[-1][0] + 0.1  # it trains
+    assert [a for a, _ in losses] == pytest.approx([b for _, b in losses], rel=1e-6, abs=0)
+    rows = w.model.model.decoder.embed_tokens.domain_rows
+    # weights agree to rounding (Adam divides by each gradient's RMS, so the last bits of tiny
+    # gradients show at ~lr x 1e-3); the exported form of the new model is the old model
+    assert torch.allclose(rows, old.get_input_embeddings().weight[w.new_token_rows], rtol=0, atol=5e-5)
+    merged = plain_whisper(w.model.config, w.model.generation_config, w.model.state_dict()).state_dict()
+    assert max((merged[k] - v).abs().max().item() for k, v in old.state_dict().items()) <= 5e-5
+
+
+def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, monkeypatch):
+    """Issue 12.3: only label positions are projected, a chunk at a time; no past key values."""
+    import wdx.lm_head
+    from wdx.collate import Collator
+    from wdx.evaluation import token_loss_sum
+    from wdx.memory import LiveBytes
+
+    w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
+    vocab = w.model.config.vocab_size
+    monkeypatch.setattr(wdx.lm_head, "CHUNK_LOGIT_BYTES", 16 * 4 * vocab)  # 16 positions per chunk
+    batch = Collator(w.tokenizer, "ko")([dict(text="저는 사과와 배를 좋아해요 " * 6, domain="normal", key=str(i),
+                                              duration=1.0, audio=np.zeros(10, np.float32)) for i in range(4)])
+    caches = []
+    w.model.model.decoder.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    token_loss_sum(w.model, torch.randn(4, w.model.config.num_mel_bins, 3000), batch).backward()
+    assert caches == [None]
+    # the projection + loss of all label positions, forward and backward, in a fraction of one
+    # full logits array (the old way kept three: logits, log-softmax, gradient)
+    n = len(batch["label_ids"])
+    hidden = torch.randn(n, w.model.config.d_model, requires_grad=True)
+    live = LiveBytes()
+    for t in (*w.model.parameters(), hidden):
+        live.add(t)
+    live.reset_peak()
+    before = live.now
+    with live:
+        w.model.proj_out(hidden, batch["label_ids"]).backward()
+    live.peak -= before
+    assert n >= 4 * 30 and live.peak < n * vocab * 4 / 2
+    assert hidden.grad is not None and w.model.proj_out.domain_rows.grad is not None

@@ -146,3 +146,54 @@ def test_a_deepspeed_config_written_inline_in_the_yaml_is_reconciled_too(monkeyp
     plugin = deepspeed_plugin(resolved({}, bf16=True, per_device_train_batch_size=3))
     ds = plugin.deepspeed_config
     assert (ds["train_micro_batch_size_per_gpu"], ds["bf16"], ds["fp16"]) == (3, {"enabled": True}, {"enabled": False})
+
+
+def test_bf16_holds_frozen_weights_in_bf16_unchanged_and_final_has_the_bases_bits(tiny_model, tmp_path):
+    """Issue 12.2, with a base stored in fp16 like openai/whisper-large-v3 (transformers 5 would
+    load it in fp16 and leave the trained weights without fp32 masters)."""
+    from safetensors.torch import load_file
+    from transformers import WhisperForConditionalGeneration
+
+    from wdx.accel import build_accelerator
+    from wdx.export import write_final
+
+    base = tmp_path / "fp16-base"
+    WhisperForConditionalGeneration.from_pretrained(tiny_model).half().save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "special_tokens_map.json"):
+        if (Path(tiny_model) / name).exists():
+            (base / name).write_bytes((Path(tiny_model) / name).read_bytes())
+    cfg = parse_args(["--dataset-root", "unused", "--base-model", str(base), "--run-name", "r", "--output-dir",
+                      str(tmp_path), "--per-device-train-batch-size", "4", "--mixed-precision", "bf16",
+                      "--learning-rate", "1e-2", "--train-encoder-layers", "1", "--train-decoder-layers", "1"])
+    accelerator = build_accelerator(cfg)
+    whisper, groups = train_loop.build_model(cfg, accelerator)
+    trained = {id(p) for ps in groups.values() for p in ps}
+    params = dict(whisper.model.named_parameters())
+    assert {p.dtype for p in params.values() if id(p) in trained} == {torch.float32}
+    frozen = {n: p for n, p in params.items() if id(p) not in trained}
+    assert frozen["model.encoder.layers.0.fc1.weight"].dtype == torch.bfloat16
+    assert frozen["model.decoder.embed_tokens.weight"].dtype == torch.bfloat16
+    assert frozen["model.decoder.layers.0.final_layer_norm.weight"].dtype == torch.float32  # norms stay fp32
+    assert frozen["model.decoder.embed_positions.weight"].dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = train_loop.build_optimizer(cfg, groups, accelerator.device)
+    model, optimizer = accelerator.prepare(whisper.model, optimizer)
+    trainable = [p for ps in groups.values() for p in ps]
+    micro = [Collator(whisper.tokenizer, "ko")(samples()[:4])]
+    for _ in range(2):
+        loss, _ = train_loop.forward_backward(accelerator, model, micro, 80, torch.bfloat16)
+        accelerator.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.equal(p, before[n]) for n, p in frozen.items())  # bit for bit
+    assert all(not torch.equal(params[n], before[n]) for n in params if id(params[n]) in trained)
+    final = write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, tmp_path / "final",
+                        json.dumps({"base_model": str(base)}), None)
+    got, stored = load_file(final / "model.safetensors"), load_file(base / "model.safetensors")
+    emb = "model.decoder.embed_tokens.weight"
+    for name, value in stored.items():
+        if name == emb:
+            assert torch.equal(got[emb][: len(value)], value.float())
+            assert torch.equal(got[emb][len(value):], params["model.decoder.embed_tokens.domain_rows"].detach())
+        elif id(params[name]) not in trained:
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], value.float()), name

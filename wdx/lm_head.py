@@ -142,7 +142,8 @@ def install_domain_rows(model: WhisperForConditionalGeneration, first: int) -> n
 
 def plain_whisper(config, generation_config, state_dict: dict[str, torch.Tensor]) -> WhisperForConditionalGeneration:
     """A plain WhisperForConditionalGeneration holding a DomainWhisper's `state_dict`, the
-    domain rows written into the last rows of the embedding (what exported models carry)."""
+    domain rows written into the last rows of the embedding (what exported models carry).
+    Its tensors are `state_dict`'s own (no copy) except the embedding."""
     state = {k: v for k, v in state_dict.items() if not k.startswith("proj_out.")}
     rows = state.pop(ROWS_KEY, None)
     if rows is not None:
@@ -157,4 +158,4 @@ def plain_whisper(config, generation_config, state_dict: dict[str, torch.Tensor]
     if empty:
         raise ValueError(f"no weights for {empty[:3]}")
     model.generation_config = copy.deepcopy(generation_config)
-    return model
+    return model.eval()  # as from_pretrained returns it

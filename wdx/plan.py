@@ -176,7 +176,7 @@ def ds_buckets(stage: int) -> dict[str, float]:
 def per_gpu(step: Step, strategy: str, gpus: int, half: int = 2) -> dict[str, float]:
     """Bytes per GPU by part: `states` (model states beyond the simulated step), `buckets`,
     and `host` (CPU RAM), added to the step's simulated peak."""
-    T, P = step.trainable, step.params
+    T = step.trainable
     if strategy == "DDP":
         return dict(step=step.peak, states=0, buckets=4 * T if gpus > 1 else 0, host=0)
     sharded_states = (4 + 4 + 8) * T / gpus  # fp32 master, fp32 gradient partition, Adam moments
