@@ -237,10 +237,7 @@ def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch:
     for name, step in (("DDP", plain), ("ZeRO-2", ds), ("ZeRO-3", ds), ("ZeRO-3+offload", ds)):
         part = per_gpu(step, name, gpus)
         total = part["step"] + part["states"] + part["buckets"]
-        per_sample = max(step.peak - _states_in_step(step, name), 1) / batch  # activations grow with the batch
-        allowed = [(card * 10**9 - CUDA_CONTEXT) / (1 + ALLOCATOR_SLACK) for card in CARDS_GIB]
-        most = [math.floor((a - (total - per_sample * batch)) / per_sample) for a in allowed]
-        fits = [f"{'no' if b < 1 else f'b<={b}':>10}" for b in most]
+        fits = [f"{'no' if b < 1 else f'b<={b}':>10}" for b in largest_batches(step, name, gpus, batch)]
         lines.append(f"  {name:<15}{part['step'] / GIB:>7.2f}{part['states'] / GIB:>8.2f}{part['buckets'] / GIB:>9.2f}"
                      f"{total / GIB:>7.2f}{card_needs(total) / GIB:>7.2f}{part['host'] / GIB:>10.1f}   "
                      + "  ".join(fits))
@@ -249,6 +246,16 @@ def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch:
               "  DeepSpeed rows: 16-bit module, fp32 master/gradients/Adam sharded over processes, buckets "
               "from ds_configs/zero{2,3}.json"]
     return "\n".join(lines)
+
+
+def largest_batches(step: Step, strategy: str, gpus: int, batch: int) -> list[int]:
+    """The largest per-GPU batch that fits each of CARDS_GIB (0: none), from a step simulated
+    at `batch`: activations and temporaries grow with the batch, model states do not."""
+    part = per_gpu(step, strategy, gpus)
+    total = part["step"] + part["states"] + part["buckets"]
+    per_sample = max(step.peak - _states_in_step(step, strategy), 1) / batch
+    allowed = [(card * 10**9 - CUDA_CONTEXT) / (1 + ALLOCATOR_SLACK) for card in CARDS_GIB]
+    return [max(0, math.floor((a - (total - per_sample * batch)) / per_sample)) for a in allowed]
 
 
 def _states_in_step(step: Step, strategy: str) -> float:
