@@ -430,7 +430,7 @@ def train(cfg: TrainConfig) -> int:
     trainable = [p for ps in groups.values() for p in ps]
     metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl")
     batches = StepBatches(cfg, accelerator, train_ds, train_loader, state, metrics)
-    meter, stop, last_eval = TrainMeter(accelerator.device), StopSignal(), None
+    meter, stop, last_eval, early_stopped = TrainMeter(accelerator.device), StopSignal(), None, False
     files = {checkpoint.CONFIG_FILE: config_json, checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
@@ -458,18 +458,26 @@ def train(cfg: TrainConfig) -> int:
 
             # ---- once in a while: evaluate, checkpoint (and checkpoint on a stop request)
             evaluated = state.step % cfg.eval_steps == 0 or last
+            saved = state.step % cfg.save_steps == 0 or last or stopping
             if evaluated:
                 last_eval = run_eval(cfg, accelerator, model, eval_loader, whisper, metrics, state.step)
-            saved = state.step % cfg.save_steps == 0 or last or stopping
+                improved, patience_spent = judge(cfg, state, last_eval, saved)
+                saved = saved or improved  # with early stopping, every new best is saved
+                if patience_spent and not last:
+                    log.info("early stopping at step %d: %d evaluations without %s improving by more than %g on "
+                             "%.4f (step %d)", state.step, state.evals_without_improvement, cfg.metric_for_best_model,
+                             cfg.early_stopping_threshold, state.best_metric, state.best_step)
+                    stopping = early_stopped = saved = True
             if saved:
-                save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
+                save_checkpoint(cfg, accelerator, state, batches, files)
             # a signal that arrived during this eval or save is agreed on before anyone leaves
             if (evaluated or saved) and not stopping and agree(accelerator, stop.received is not None)[0]:
                 stopping = True
                 if not saved:
-                    save_checkpoint(cfg, accelerator, state, batches, last_eval, files)
+                    save_checkpoint(cfg, accelerator, state, batches, files)
             if stopping:
-                stop.received = stop.received or "a signal on another process"
+                if not early_stopped:
+                    stop.received = stop.received or "a signal on another process"
                 break
     finally:
         bar.close()
@@ -479,7 +487,7 @@ def train(cfg: TrainConfig) -> int:
                  stop.received, state.step)
     else:
         log.info("samples skipped over the run: %s", dict(sum_counts(accelerator, batches.skips)) or "none")
-        finish(cfg, accelerator, model, whisper, config_json, last_eval)
+        finish(cfg, accelerator, model, whisper, config_json, last_eval, state)
     accelerator.end_training()
     return 0
 
@@ -493,10 +501,18 @@ def count_steps(cfg: TrainConfig, train: ShardedSamples) -> tuple[int, int]:
 
 
 def finish(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, config_json: str,
-           last_eval: dict | None) -> None:
-    """final/ (full weights, tokenizer, feature extractor, model card), then the Hub upload if asked."""
+           last_eval: dict | None, state: checkpoint.TrainState) -> None:
+    """final/ (full weights, tokenizer, feature extractor, model card), then the Hub upload if asked.
+    With early stopping, final/ holds the best checkpoint's weights, not the last step's."""
+    best = None
+    if cfg.early_stopping_patience and state.best_step is not None and state.best_step != state.step:
+        checkpoint.load(accelerator, checkpoint.step_dir(cfg.run_dir, state.best_step))
+        best = {"step": state.best_step, "metric": cfg.metric_for_best_model, "value": state.best_metric}
+        log.info("final/ gets the weights of step %d, the best by eval %s (%.4f), not of step %d", state.best_step,
+                 cfg.metric_for_best_model, state.best_metric, state.step)
     final = write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor,
-                        Path(cfg.run_dir) / "final", config_json, last_eval["results"] if last_eval else None)
+                        Path(cfg.run_dir) / "final", config_json,
+                        state.best_results if best else last_eval["results"] if last_eval else None, best)
     log.info("final model: %s", final)
     if cfg.push_to_hub and accelerator.is_main_process:
         log.info("pushed to %s", push(final, cfg.hub_model_id, cfg.hub_private))
@@ -529,17 +545,36 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
     return out
 
 
+def judge(cfg: TrainConfig, state: checkpoint.TrainState, evaluation: dict, saved: bool) -> tuple[bool, bool]:
+    """Track the best evaluation by --metric-for-best-model (lower is better); returns
+    (a new best to save, --early-stopping-patience spent).
+
+    Without early stopping only evaluations at a checkpoint's step can be the best (the
+    best checkpoint is kept out of rotation); with it every new best is saved, so that
+    final/ can hold the best weights.
+    """
+    early = cfg.early_stopping_patience > 0
+    if not (saved or early):
+        return False, False
+    value = {"cer": evaluation["results"]["all"]["cer"], "wer": evaluation["results"]["all"]["wer"],
+             "loss": evaluation["loss"]}[cfg.metric_for_best_model]
+    margin = cfg.early_stopping_threshold if early else 0.0
+    improved = math.isfinite(value) and (state.best_metric is None or value < state.best_metric - margin)
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        state.best_results = evaluation["results"]
+    elif early:
+        state.evals_without_improvement += 1
+    return improved and early, early and state.evals_without_improvement >= cfg.early_stopping_patience
+
+
 def save_checkpoint(cfg: TrainConfig, accelerator: Accelerator, state: checkpoint.TrainState,
-                    batches: StepBatches, last_eval: dict | None, files: dict[str, str]) -> None:
-    """Record the data position and best CER in the state, write atomically, rotate."""
+                    batches: StepBatches, files: dict[str, str]) -> None:
+    """Record the data position in the state, write atomically, rotate (keeping the best)."""
     faults.reached("save", state.step, accelerator.process_index)
     mine = [list(astuple(p)) for p in batches.positions]
     state.positions = gather_list(accelerator, [mine])
     state.skips = dict(sum_counts(accelerator, batches.skips))
-    if last_eval is not None and last_eval["step"] == state.step:
-        cer = last_eval["results"]["all"]["cer"]
-        if math.isfinite(cer) and (state.best_cer is None or cer < state.best_cer):
-            state.best_cer, state.best_step = cer, state.step
     path = checkpoint.save(accelerator, cfg.run_dir, state.step, {**files, checkpoint.STATE_FILE: state.to_json()})
     if accelerator.is_main_process:
         removed = checkpoint.rotate(cfg.run_dir, cfg.save_total_limit, state.best_step)

@@ -36,7 +36,7 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path):
 
 
 def test_train_state_round_trips_as_json(tmp_path):
-    s = checkpoint.TrainState(step=7, epoch=1, micro_in_epoch=3, positions=[[[1, 0, 4]]], best_cer=0.5, best_step=6)
+    s = checkpoint.TrainState(step=7, epoch=1, micro_in_epoch=3, positions=[[[1, 0, 4]]], best_metric=0.5, best_step=6)
     (tmp_path / checkpoint.STATE_FILE).write_text(s.to_json())
     assert checkpoint.TrainState.load(tmp_path) == s
     with pytest.raises(checkpoint.CheckpointError, match="no train_state.json"):

@@ -57,8 +57,10 @@ class TrainState:
     world_size: int = 1
     num_workers: int = 0
     data_layout: dict = field(default_factory=dict)  # what `positions` depend on (see train_loop.data_layout)
-    best_cer: float | None = None
+    best_metric: float | None = None  # of --metric-for-best-model, at a saved step
     best_step: int | None = None
+    best_results: dict | None = None  # the best evaluation's CER/WER by domain (the model card's, when final/ is it)
+    evals_without_improvement: int = 0  # for --early-stopping-patience
     skips: dict = field(default_factory=dict)  # skipped samples by reason, all ranks, whole run
     nonfinite_in_a_row: int = 0
 

@@ -87,7 +87,15 @@ class TrainConfig:
     num_examples: int = opt(4, "example transcripts logged per evaluation", group="evaluation")
     logging_steps: int = opt(10, "log train metrics every N optimizer steps", group="evaluation")
     save_steps: int = opt(500, "save a checkpoint every N optimizer steps", group="checkpoints")
-    save_total_limit: int = opt(3, "keep the newest N checkpoints (plus the best by eval CER)", group="checkpoints")
+    save_total_limit: int = opt(3, "keep the newest N checkpoints (plus the best by --metric-for-best-model)",
+                                group="checkpoints")
+    metric_for_best_model: str = opt("cer", "what 'best' means, lower is better: CER or WER on all domains, or the "
+                                            "eval loss", group="checkpoints", choices=("cer", "wer", "loss"))
+    early_stopping_patience: int = opt(0, "stop after N evaluations in a row without improving "
+                                          "--metric-for-best-model (0: never); final/ then holds the best checkpoint's "
+                                          "weights", group="checkpoints")
+    early_stopping_threshold: float = opt(0.0, "an evaluation improves on the best only by more than this "
+                                               "(absolute)", group="checkpoints")
     run_name: str | None = opt(None, "name of this run: outputs go to OUTPUT_DIR/RUN_NAME", group="checkpoints")
     output_dir: str = opt("outputs", "parent directory of run directories", group="checkpoints")
     overwrite: bool = opt(False, "reuse a run directory that holds another run", group="checkpoints")

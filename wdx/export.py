@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def write_final(accelerator, model, tokenizer, feature_extractor, out: str | Path, config_json: str,
-                eval_results: dict | None) -> Path:
+                eval_results: dict | None, best: dict | None = None) -> Path:
     """Save a standard, loadable Whisper directory; all processes call this (ZeRO-3 gathers).
 
     The weights are the base model's, read again in fp32, with the trained tensors put in
@@ -40,7 +40,7 @@ def write_final(accelerator, model, tokenizer, feature_extractor, out: str | Pat
         tokenizer.save_pretrained(out)
         feature_extractor.save_pretrained(out)
         (out / "train_config.json").write_text(config_json)
-        (out / "README.md").write_text(model_card(cfg, eval_results))
+        (out / "README.md").write_text(model_card(cfg, eval_results, best))
     accelerator.wait_for_everyone()
     return out
 
@@ -59,12 +59,16 @@ def final_model(base_model: str, trained_model, trained: dict[str, torch.Tensor]
     return plain_whisper(trained_model.config, trained_model.generation_config, state)
 
 
-def model_card(cfg: dict, eval_results: dict | None) -> str:
-    """A short card: what the model is, how it was trained, how to prompt it, how it scored."""
+def model_card(cfg: dict, eval_results: dict | None, best: dict | None = None) -> str:
+    """A short card: what the model is, how it was trained, how to prompt it, how it scored.
+    `best`: {step, metric, value} when these are an earlier checkpoint's weights (early stopping)."""
     settings = {k: cfg[k] for k in ("base_model", "language", "learning_rate", "per_device_train_batch_size",
                                     "grad_accum", "num_train_epochs", "max_steps", "warmup_steps",
                                     "lr_scheduler_type", "train_encoder_layers", "train_decoder_layers",
-                                    "mixed_precision", "seed") if k in cfg}
+                                    "mixed_precision", "seed", "metric_for_best_model", "early_stopping_patience",
+                                    "early_stopping_threshold") if k in cfg}
+    which = (f"These are the weights of step {best['step']}, the best evaluation by {best['metric']} "
+             f"({best['value']:.4f}); training stopped early. " if best else "")
     table = format_table(eval_results) if eval_results else "(no evaluation was run)"
     return "\n".join([
         "---", "language: ko", "tags: [whisper, automatic-speech-recognition, dyslexia]", "---", "",
@@ -74,7 +78,8 @@ def model_card(cfg: dict, eval_results: dict | None) -> str:
         "", "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>`", "",
         f"with X in {', '.join(DOMAIN_TOKENS)}. Transcribe with `python -m wdx.transcribe` from the training "
         "repository, or pass that prompt as `decoder_input_ids` to `GenerationMixin.generate`.", "",
-        "## Evaluation (CER without punctuation and spaces; WER on words)", "", "```", table, "```", "",
+        "## Evaluation (CER without punctuation and spaces; WER on words)", "", which + "Held-out split:", "",
+        "```", table, "```", "",
         "## Training settings", "", "```json", json.dumps(settings, indent=1), "```", "",
     ])
 
