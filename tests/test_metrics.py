@@ -22,11 +22,25 @@ def test_wer_on_words_after_punctuation_removal():
 
 def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
-    assert results["normal"] == {"cer": 0.0, "wer": 0.0, "n": 1}
+    assert results["normal"] == {"cer": 0.0, "wer": 0.0, "n": 1, "sub": 0.0, "del": 0.0, "ins": 0.0, "runaway": 0}
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
-    assert "dyslexic        0        -        -   (no samples)" in format_table(results)
+    assert "dyslexic        0        -       -       -       -        -        -   (no samples)" in \
+        format_table(results)
 
 
 def test_nfc_makes_decomposed_jamo_the_same_text():
     decomposed = "\u1112\u1161\u11ab"  # 한 as conjoining jamo
     assert normalize_text(f"  {decomposed}  국 ") == "한 국"
+
+
+def test_cer_anatomy_adds_up_and_runaways_are_counted():
+    r = error_rates(["가나다라", "가"], ["가나마", "가가가"])
+    # 가나다라 -> 가나마: 1 substitution, 1 deletion; 가 -> 가가가: 2 insertions; of 5 reference characters
+    assert (r["sub"], r["del"], r["ins"]) == (0.2, 0.2, 0.4) and r["cer"] == 0.8
+    assert r["runaway"] == 1  # 가가가 is more than twice its reference
+    rows = [dict(ref="가나다라", hyp="가나다라", domain="dyslexic", capped=True),
+            dict(ref="가나", hyp="가나", domain="normal")]
+    results = by_domain(rows)
+    assert (results["dyslexic"]["runaway"], results["normal"]["runaway"], results["all"]["runaway"]) == (1, 0, 1)
+    table = format_table(results)
+    assert table.splitlines()[0].split() == ["domain", "n", "CER", "sub", "del", "ins", "WER", "runaway"]

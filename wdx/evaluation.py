@@ -81,11 +81,11 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
         if batch.get("empty"):
             continue  # only the skips after a slot's last sample
         last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        loss, n, hyps = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
+        loss, n, hyps, capped = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
         loss_sum += loss
         tokens += n
-        rows += [dict(key=k, domain=d, ref=r, hyp=h) for k, d, r, h in
-                 zip(batch["key"], batch["domain"], batch["text"], hyps)]
+        rows += [dict(key=k, domain=d, ref=r, hyp=h, capped=c) for k, d, r, h, c in
+                 zip(batch["key"], batch["domain"], batch["text"], hyps, capped)]
         done += 1
     while pad_to is not None and done < pad_to:
         _eval_batch(accelerator, unwrapped, last or _dummy_batch(tokenizer, device), tokenizer, n_mels,
@@ -100,13 +100,15 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
 
 
 def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
-                pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[bool]]:
     features = log_mel(batch["audio"], n_mels, model.dtype)  # fp32 maths outside autocast, as in training
     with accelerator.autocast():
         loss = token_loss_sum(model, features, batch)  # the bare module: no DDP collectives
         new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced_gpus=pad_to is not None)
     n = (batch["labels"] != IGNORE).sum()
-    return loss, n, [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    # cut off at the limit: no <|endoftext|> in max_new_tokens tokens (one host sync per eval batch)
+    capped = ((new != model.generation_config.eos_token_id).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
+    return loss, n, [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)], capped
 
 
 def _dummy_batch(tokenizer, device: torch.device) -> dict:
