@@ -120,3 +120,22 @@ def test_output_paths_and_list_entries_are_checked_before_any_work(tmp_path, cap
     (tmp_path / "a.txt").write_bytes("안녕".encode("cp949"))
     assert evaluate.main(["no-model", "--dir", str(tmp_path), "--domain", "normal"]) == 1
     assert capsys.readouterr().err.strip() == f"wdx.evaluate: error: {tmp_path}/a.txt: not UTF-8 text (byte 0)"
+
+
+def test_compare_two_evaluations_prints_the_paired_difference(tmp_path, capsys):
+    def run(path, every):
+        rows = [dict(key=str(i), domain=("normal", "dyslexic")[i % 2], ref="가나다라마바",
+                     hyp="가나다" if i % every == 0 else "가나다라마바") for i in range(100)]
+        path.write_text(json.dumps({"samples": rows}))
+        return str(path)
+
+    a, b = run(tmp_path / "a.json", 2), run(tmp_path / "b.json", 10)
+    assert evaluate.main(["--compare", a, b, "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "a real difference" in out and "all" in out
+    table = json.loads((tmp_path / "c.json").read_text())["compare"]
+    assert table["all"]["cer_a"] == 0.25 and table["all"]["cer_b"] == 0.05 and table["all"]["real"]
+    (tmp_path / "bad.json").write_text("{}")
+    assert evaluate.main(["--compare", a, str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wdx.evaluate: error: --compare {tmp_path / 'bad.json'}: not a wdx.evaluate --json output")

@@ -22,10 +22,10 @@ def test_wer_on_words_after_punctuation_removal():
 
 def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
-    assert results["normal"] == {"cer": 0.0, "wer": 0.0, "n": 1, "sub": 0.0, "del": 0.0, "ins": 0.0, "runaway": 0}
+    assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "n": 1, "sub": 0.0,
+                                 "del": 0.0, "ins": 0.0, "runaway": 0}
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
-    assert "dyslexic        0        -       -       -       -        -        -   (no samples)" in \
-        format_table(results)
+    assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 7, "(no", "samples)"]
 
 
 def test_nfc_makes_decomposed_jamo_the_same_text():
@@ -43,4 +43,29 @@ def test_cer_anatomy_adds_up_and_runaways_are_counted():
     results = by_domain(rows)
     assert (results["dyslexic"]["runaway"], results["normal"]["runaway"], results["all"]["runaway"]) == (1, 0, 1)
     table = format_table(results)
-    assert table.splitlines()[0].split() == ["domain", "n", "CER", "sub", "del", "ins", "WER", "runaway"]
+    assert table.splitlines()[0].split() == ["domain", "n", "CER", "95%", "CI", "sub", "del", "ins", "WER", "runaway"]
+
+
+def test_bootstrap_interval_holds_the_cer_is_seeded_and_narrows_with_more_utterances():
+    refs = ["가나다라마바사아", "자차카타파하"] * 20
+    hyps = ["가나다라마바사아", "자차카"] * 20  # every other utterance loses 3 of 6 characters
+    small, again = error_rates(refs[:8], hyps[:8]), error_rates(refs[:8], hyps[:8])
+    large = error_rates(refs, hyps)
+    assert small["cer_lo"] <= small["cer"] <= small["cer_hi"] and small == again
+    assert large["cer"] == small["cer"] == 3 / 14
+    assert large["cer_hi"] - large["cer_lo"] < small["cer_hi"] - small["cer_lo"]
+
+
+def test_paired_comparison_tells_a_real_gain_from_noise():
+    from wdx.metrics import compare
+
+    def rows(every):  # one utterance in `every` loses half its characters
+        return [dict(key=str(i), domain=("normal", "dyslexic")[i % 2], ref="가나다라마바",
+                     hyp="가나다" if i % every == 0 else "가나다라마바") for i in range(200)]
+
+    same = compare(rows(3), rows(3))
+    assert same["all"]["diff"] == 0 and not same["all"]["real"]
+    better = compare(rows(3), rows(7))
+    assert better["all"]["diff"] < 0 and better["all"]["diff_hi"] < 0 and better["all"]["real"]
+    assert better["normal"]["n"] == better["dyslexic"]["n"] == 100
+    assert compare(rows(3), rows(7)) == better  # seeded

@@ -4,6 +4,7 @@
     python -m wdx.evaluate MODEL --list samples.jsonl      # audio_path, text, domain per line
     python -m wdx.evaluate MODEL --dir DIR --domain normal # DIR/x.wav + DIR/x.txt pairs
     ... [--compare-domains] [--json OUT.json] [--batch-size 8]
+    python -m wdx.evaluate --compare A.json B.json         # two --json outputs: is B's CER really different?
 
 MODEL is final/ (or any HF Whisper directory) or a training checkpoint. --compare-domains
 decodes every clip once per domain token and reports how the prompt changes the result.
@@ -28,7 +29,7 @@ from .data import ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
-from .metrics import by_domain, error_rates, format_table
+from .metrics import by_domain, compare, error_rates, format_comparison, format_table
 from .shards import DatasetError, load_split
 from .text import normalize_text
 from .tracking import quiet_libraries
@@ -182,10 +183,31 @@ def compare_table(rows: list[dict]) -> dict:
     return out
 
 
+def compare_main(paths: list[Path], out: Path | None) -> int:
+    """--compare A.json B.json: the paired comparison of two evaluations."""
+    try:
+        runs = []
+        for path in paths:
+            try:
+                runs.append(json.loads(path.read_text())["samples"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InputError(f"--compare {path}: not a wdx.evaluate --json output ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        check_output(out)
+    except (InputError, OSError) as exc:
+        print(f"wdx.evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    table = compare(*runs)
+    print(format_comparison(table, str(paths[0]), str(paths[1])))
+    if out:
+        out.write_text(json.dumps({"a": str(paths[0]), "b": str(paths[1]), "compare": table}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="final/ directory, HF Whisper directory, or training checkpoint")
-    src = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("model", nargs="?", help="final/ directory, HF Whisper directory, or training checkpoint")
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--dataset", help="WebDataset root (documented layout)")
     src.add_argument("--list", type=Path, help="JSON/JSONL with audio_path, text, domain")
     src.add_argument("--dir", type=Path, help="folder of audio files with same-named .txt references")
@@ -201,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
     parser.add_argument("--json", type=Path, help="write per-sample results and the tables here")
+    src.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                     help="two --json outputs on the same samples: CER of each, B - A and its paired bootstrap 95 %% "
+                          "interval per domain (no model needed)")
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare_main(args.compare, args.json)
+    if not args.model or not (args.dataset or args.list or args.dir):
+        parser.error("MODEL and one of --dataset, --list, --dir are required (or --compare A.json B.json)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     quiet_libraries()
     skipped: Counter = Counter()
