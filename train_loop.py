@@ -38,6 +38,7 @@ from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
 from wdx.debug import debug_step
+from wdx.domains import DOMAINS
 from wdx.evaluation import evaluate, examples, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.features import log_mel
@@ -530,14 +531,19 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
         mine = min(len(loader.dataset), max_batches or len(loader.dataset))
         pad_to = int(accelerator.gather(torch.tensor([mine], device=accelerator.device)).max())
     out = evaluate(accelerator, model, loader, whisper.tokenizer, n_mels=whisper.model.config.num_mel_bins,
-                   max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to)
+                   max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to,
+                   compare_domains=cfg.compare_domains)
     if not out["rows"]:
         raise DatasetError(f"{cfg.eval_split}: no usable sample to evaluate (skipped: {out['skips'] or 'none'})")
     out["step"], seconds = step, time.perf_counter() - t0
-    metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"]), "eval/seconds": seconds,
-                         "eval/samples_per_s": len(out["rows"]) / seconds})
+    prompts = {f"eval/prompt/{true}/{k}": v for true, r in out.get("prompts", {}).items() for k, v in r.items()}
+    metrics.write(step, {"eval/loss": out["loss"], **flatten_eval("eval", out["results"]), **prompts,
+                         "eval/seconds": seconds, "eval/samples_per_s": len(out["rows"]) / seconds})
     log.info("eval at step %d: loss %.4f (%d samples, %.1f s)\n%s", step, out["loss"], len(out["rows"]), seconds,
              format_table(out["results"]))
+    for true, r in out.get("prompts", {}).items():
+        log.info("  %-9s clips: CER %s; the token changed %d of %d transcripts", true,
+                 ", ".join(f"with <|domain:{p}|> {r[f'prompt_{p}']:.4f}" for p in DOMAINS), r["changed"], r["n"])
     for ex in examples(out["rows"], cfg.num_examples):
         log.info("  [%s] %s\n      ref: %s\n      hyp: %s", ex["domain"], ex["key"], ex["ref"], ex["hyp"])
     if out["skips"]:

@@ -139,3 +139,27 @@ def test_compare_two_evaluations_prints_the_paired_difference(tmp_path, capsys):
     assert evaluate.main(["--compare", a, str(tmp_path / "bad.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"wdx.evaluate: error: --compare {tmp_path / 'bad.json'}: not a wdx.evaluate --json output")
+
+
+def test_in_loop_eval_runs_the_encoder_once_per_batch_and_compares_domain_tokens(tiny_model, tiny_dataset):
+    from accelerate import Accelerator
+
+    from wdx.collate import Collator
+    from wdx.data import ShardedSamples, make_loader
+    from wdx.evaluation import evaluate as run_eval
+    from wdx.model import setup
+    from wdx.shards import load_split
+
+    w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
+    val = ShardedSamples(load_split(tiny_dataset, "val_small"), rank=0, world_size=1, num_workers=0, batch_size=4,
+                         train=False, seed=0, target_sr=16000, default_domain=None, shuffle_block=1,
+                         collate=Collator(w.tokenizer, "ko"))
+    calls = []
+    w.model.model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    out = run_eval(Accelerator(cpu=True), w.model, make_loader(val, 0), w.tokenizer, n_mels=80, max_new_tokens=3,
+                   compare_domains=True)
+    assert len(out["rows"]) == 6 and len(calls) == 2  # 2 batches: loss + 2 generations share one encoder pass
+    assert all(r["hyp_by_prompt"][r["domain"]] == r["hyp"] and set(r["hyp_by_prompt"]) == {"normal", "dyslexic"}
+               for r in out["rows"])
+    assert {d: out["prompts"][d]["n"] for d in ("normal", "dyslexic")} == {"normal": 3, "dyslexic": 3}
+    assert set(out["prompts"]["normal"]) == {"prompt_normal", "prompt_dyslexic", "n", "changed"}

@@ -85,6 +85,9 @@ class TrainConfig:
     eval_steps: int = opt(500, "evaluate every N optimizer steps (and at the end)", group="evaluation")
     generation_max_length: int = opt(225, "most new tokens generated per sample at evaluation", group="evaluation")
     num_examples: int = opt(4, "example transcripts logged per evaluation", group="evaluation")
+    compare_domains: bool = opt(False, "at each evaluation also decode every clip with the other domain token(s): "
+                                       "CER with the right token vs the wrong one (one more generation per domain)",
+                                group="evaluation")
     logging_steps: int = opt(10, "log train metrics every N optimizer steps", group="evaluation")
     save_steps: int = opt(500, "save a checkpoint every N optimizer steps", group="checkpoints")
     save_total_limit: int = opt(3, "keep the newest N checkpoints (plus the best by --metric-for-best-model)",

@@ -29,7 +29,7 @@ from .data import ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
-from .metrics import by_domain, compare, error_rates, format_comparison, format_table
+from .metrics import by_domain, compare, error_rates, format_comparison, format_table, prompt_table
 from .shards import DatasetError, load_split
 from .text import normalize_text
 from .tracking import quiet_libraries
@@ -171,18 +171,6 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
     return rows
 
 
-def compare_table(rows: list[dict]) -> dict:
-    """CER for every (true domain, prompted domain) pair, and how often the prompt changes the text."""
-    out = {}
-    for true in DOMAINS:
-        sub = [r for r in rows if r["domain"] == true]
-        out[true] = {f"prompt_{p}": error_rates([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub])["cer"]
-                     for p in DOMAINS}
-        out[true]["n"] = len(sub)
-        out[true]["changed"] = sum(len(set(r["hyp_by_prompt"].values())) > 1 for r in sub)
-    return out
-
-
 def compare_main(paths: list[Path], out: Path | None) -> int:
     """--compare A.json B.json: the paired comparison of two evaluations."""
     try:
@@ -261,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, title=f"{args.model} ({'with' if transcriber.has_domains else 'without'} "
                                       "domain prompt)"))
     if args.compare_domains:
-        report["compare_domains"] = compare_table(rows)
+        report["compare_domains"] = prompt_table(rows)
         for true, r in report["compare_domains"].items():
             print(f"  {true:<9} CER with <|domain:normal|> {r['prompt_normal']:.4f}, with <|domain:dyslexic|> "
                   f"{r['prompt_dyslexic']:.4f}; text changed for {r['changed']}/{r['n']}")

@@ -15,14 +15,15 @@ import transformers
 
 from .accel import gather_list, sum_counts
 from .collate import IGNORE, label_targets
+from .domains import DOMAINS, domain_token
 from .features import log_mel
-from .metrics import by_domain
+from .metrics import by_domain, prompt_table
 
 log = logging.getLogger(__name__)
 
 
 def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_tokens: int,
-             synced_gpus: bool = False) -> torch.Tensor:
+             synced_gpus: bool = False, encoder_outputs=None) -> torch.Tensor:
     """Greedy decoding from `prompts`; returns only the new tokens.
 
     GenerationMixin.generate is called directly: Whisper's own `generate` rebuilds the
@@ -35,13 +36,15 @@ def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_token
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
         pad_token_id=stored.pad_token_id, decoder_start_token_id=stored.decoder_start_token_id,
         suppress_tokens=stored.suppress_tokens, begin_suppress_tokens=stored.begin_suppress_tokens)
+    extra = {} if encoder_outputs is None else {"encoder_outputs": encoder_outputs}  # then the encoder is not rerun
     out = transformers.GenerationMixin.generate(
         model, input_features=features, decoder_input_ids=prompts, generation_config=config, synced_gpus=synced_gpus,
-        attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device))
+        attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device),
+        **extra)
     return out[:, prompts.shape[1]:]
 
 
-def token_loss_sum(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
+def token_loss_sum(model, features: torch.Tensor, batch: dict, encoder_outputs=None) -> torch.Tensor:
     """Sum of the label tokens' cross-entropy over one batch (fp32), for training and eval alike.
 
     A sum, not a mean: the caller divides by the label tokens of everything it averages
@@ -53,13 +56,16 @@ def token_loss_sum(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
     if positions is None:
         positions, targets = label_targets(batch["labels"])
     return model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], label_positions=positions,
-                 label_ids=targets)
+                 label_ids=targets, encoder_outputs=encoder_outputs)
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_tokens: int,
-             max_batches: int | None = None, pad_to: int | None = None) -> dict:
-    """{"loss", "results" (by_domain), "rows" (ref/hyp/domain/key), "skips"} over the split.
+             max_batches: int | None = None, pad_to: int | None = None, compare_domains: bool = False) -> dict:
+    """{"loss", "results" (by_domain), "rows" (ref/hyp/domain/key), "skips"} over the split,
+    and "prompts" (CER of each domain's clips under every domain token) with `compare_domains`.
+
+    The encoder runs once per batch: the loss and every generation share its output.
 
     `pad_to` (ZeRO-3): every process must join every forward, since each one gathers
     parameters from all; a process with fewer batches runs dummy ones (results dropped)
@@ -81,34 +87,58 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
         if batch.get("empty"):
             continue  # only the skips after a slot's last sample
         last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        loss, n, hyps, capped = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to)
+        loss, n, batch_rows = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to,
+                                          compare_domains)
         loss_sum += loss
         tokens += n
-        rows += [dict(key=k, domain=d, ref=r, hyp=h, capped=c) for k, d, r, h, c in
-                 zip(batch["key"], batch["domain"], batch["text"], hyps, capped)]
+        rows += batch_rows
         done += 1
     while pad_to is not None and done < pad_to:
         _eval_batch(accelerator, unwrapped, last or _dummy_batch(tokenizer, device), tokenizer, n_mels,
-                    max_new_tokens, pad_to)
+                    max_new_tokens, pad_to, compare_domains)
         done += 1
     totals = accelerator.reduce(torch.stack([loss_sum, tokens]), reduction="sum")
     rows = gather_list(accelerator, rows)
     all_skips = dict(sum_counts(accelerator, skips))
     model.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"loss": loss, "results": by_domain(rows), "rows": rows, "skips": all_skips}
+    out = {"loss": loss, "results": by_domain(rows), "rows": rows, "skips": all_skips}
+    if compare_domains:
+        out["prompts"] = prompt_table(rows)
+    return out
 
 
 def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
-                pad_to: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[bool]]:
+                pad_to: int | None, compare_domains: bool) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     features = log_mel(batch["audio"], n_mels, model.dtype)  # fp32 maths outside autocast, as in training
+    eos, synced = model.generation_config.eos_token_id, pad_to is not None
     with accelerator.autocast():
-        loss = token_loss_sum(model, features, batch)  # the bare module: no DDP collectives
-        new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced_gpus=pad_to is not None)
+        encoded = model.model.encoder(features)  # once, for the loss and every generation
+        loss = token_loss_sum(model, features, batch, encoded)  # the bare module: no DDP collectives
+        new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced, encoded)
+        by_prompt = {}
+        for shift in range(1, len(DOMAINS)) if compare_domains else ():  # each clip under every other token
+            domains = [DOMAINS[(DOMAINS.index(d) + shift) % len(DOMAINS)] if d in DOMAINS else d
+                       for d in batch.get("domain", [])]
+            prompts = batch["prompt_ids"].clone()
+            if domains:
+                prompts[:, -1] = torch.tensor(tokenizer.convert_tokens_to_ids([domain_token(d) for d in domains]),
+                                              device=prompts.device)
+            by_prompt[shift] = (domains, decode(tokenizer, generate(model, features, prompts, max_new_tokens, synced,
+                                                                    encoded)))
     n = (batch["labels"] != IGNORE).sum()
     # cut off at the limit: no <|endoftext|> in max_new_tokens tokens (one host sync per eval batch)
-    capped = ((new != model.generation_config.eos_token_id).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
-    return loss, n, [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)], capped
+    capped = ((new != eos).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
+    rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c) for k, d, r, h, c in
+            zip(batch.get("key", []), batch.get("domain", []), batch.get("text", []), decode(tokenizer, new), capped)]
+    for i, row in enumerate(rows):
+        if compare_domains:
+            row["hyp_by_prompt"] = {row["domain"]: row["hyp"], **{ds[i]: hs[i] for ds, hs in by_prompt.values()}}
+    return loss, n, rows
+
+
+def decode(tokenizer, new: torch.Tensor) -> list[str]:
+    return [h.strip() for h in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def _dummy_batch(tokenizer, device: torch.device) -> dict:

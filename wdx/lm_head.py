@@ -16,6 +16,7 @@ on the spot (the loss is the last operation of the step), so no chunk's logits o
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 None, None, None)
 
 
+def _whisper_signature_and(*names: str) -> inspect.Signature:
+    """WhisperForConditionalGeneration.forward's signature with keyword-only `names` added."""
+    sig = inspect.signature(WhisperForConditionalGeneration.forward)
+    params = list(sig.parameters.values())
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    plain = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    return sig.replace(parameters=[*plain, *extra, *(p for p in params if p.kind is p.VAR_KEYWORD)])
+
+
 class DomainWhisper(WhisperForConditionalGeneration):
     """Whisper whose forward also takes label positions: then it returns the summed token
     cross-entropy of those positions (fp32 scalar), with no KV cache and no full logits.
@@ -121,6 +131,9 @@ class DomainWhisper(WhisperForConditionalGeneration):
         out = self.model(*args, use_cache=False, return_dict=True, **kwargs)
         hidden = out.last_hidden_state.flatten(0, 1).index_select(0, label_positions)
         return self.proj_out(hidden, label_ids)
+
+    # transformers checks generate()'s keyword arguments against forward's signature: show Whisper's
+    forward.__signature__ = _whisper_signature_and("label_positions", "label_ids")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saved as plain Whisper, the domain rows merged into the embedding."""

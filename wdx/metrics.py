@@ -96,6 +96,19 @@ def by_domain(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def prompt_table(rows: list[dict]) -> dict:
+    """CER of each domain's clips under every domain token (rows with `hyp_by_prompt`), and
+    how many transcripts the token changed: does the token matter?"""
+    out = {}
+    for true in DOMAINS:
+        sub = [r for r in rows if r["domain"] == true]
+        out[true] = {f"prompt_{p}": error_rates([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub])["cer"]
+                     for p in DOMAINS}
+        out[true]["n"] = len(sub)
+        out[true]["changed"] = sum(len(set(r["hyp_by_prompt"].values())) > 1 for r in sub)
+    return out
+
+
 def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     """A fixed-width table: domain, n, CER and its substitution/deletion/insertion parts, WER,
     runaway hypotheses."""
