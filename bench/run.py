@@ -2,7 +2,7 @@
 
     python -m bench.run [--smoke] [--json bench/results.json]
 
-Full mode: OpenAI Whisper base (wdx.offline_model), 5-15 s espeak-ng utterances in the
+Full mode: OpenAI Whisper base (wdx.demo.offline_model), 5-15 s espeak-ng utterances in the
 wav/flac/mp3/m4a mix. --smoke: a tiny model and a handful of samples, to check that the
 benchmarks run (CI does this); its numbers mean nothing. Medians over repeats; ratios are
 wdx / other. Nothing here asserts a speed: these are measurements, not tests.
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = work / "tiny" if (work / "tiny" / "config.json").exists() else build_tiny(work / "tiny")
     else:
-        from wdx.offline_model import build as build_base
+        from wdx.demo.offline_model import build as build_base
 
         model = work / "base" if (work / "base" / "config.json").exists() else build_base(work / "base")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1 per worker / default for steps"

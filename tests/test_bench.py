@@ -16,7 +16,7 @@ def test_bench_smoke_prints_three_tables_and_bench_gpu_runs_on_the_cpu(tmp_path)
     done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--work", str(tmp_path),
                            "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for heading in ("== data path", "== training step", "== memory plan"):
+    for heading in ("== data path", "== training step", "== memory of one training step"):
         assert heading in done.stdout
     assert "ratio wdx/usual" in done.stdout and "speed-up over Seq2SeqTrainer" in done.stdout
     assert (tmp_path / "r.json").exists()

@@ -2,8 +2,8 @@ import json
 import random
 import tarfile
 
-from wdx import demo_data
-from wdx.tts import espeak
+from wdx.demo import data as demo_data
+from wdx.demo.tts import espeak
 
 
 def test_espeak_speaks_korean():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wdx.offline_model import PACKAGES, build, package_dir, read_ct2
+from wdx.demo.offline_model import PACKAGES, build, package_dir, read_ct2
 
 pytestmark = pytest.mark.slow
 

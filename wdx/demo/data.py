@@ -1,6 +1,6 @@
 """A small Korean two-domain dataset, spoken by espeak-ng, in the documented format.
 
-    python -m wdx.demo_data OUT_ROOT [--train 160] [--val 40] [--seed 0]
+    python -m wdx.demo.data OUT_ROOT [--train 160] [--val 40] [--seed 0]
 
 Sentences are drawn from word pools written for this project (time, subject, place,
 object, verb), so held-out sentences in val_small are new combinations of known words.
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .audio import encode_audio, resample
-from .pack import write_split
+from ..audio import encode_audio, resample
+from ..pack import write_split
 from .tts import espeak
 
 TIMES = ["오늘", "어제", "아침에", "주말에", "저녁에", "방학에"]
@@ -143,7 +143,7 @@ def build(out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m wdx.demo_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m wdx.demo.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     parser.add_argument("--train", type=int, default=160, help="training utterances (half per domain)")
     parser.add_argument("--val", type=int, default=40, help="held-out utterances (half per domain)")

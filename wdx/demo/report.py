@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .domains import DOMAINS  # noqa: E402
+from ..domains import DOMAINS  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

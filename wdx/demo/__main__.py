@@ -1,0 +1,7 @@
+"""python -m wdx.demo OUT_DIR: what `make demo` runs (see wdx.demo.pipeline)."""
+
+import sys
+
+from .pipeline import main
+
+sys.exit(main())
