@@ -38,8 +38,15 @@ def test_demo_dataset_is_deterministic_balanced_and_held_out(tmp_path):
     assert texts(a, "train") == texts(b, "train")
     train_meta = [json.loads(v) for k, v in texts(a, "train").items() if k.endswith(".json")]
     val_meta = [json.loads(v) for k, v in texts(a, "val_small").items() if k.endswith(".json")]
+    unseen_meta = [json.loads(v) for k, v in texts(a, "val_unseen").items() if k.endswith(".json")]
     assert sorted(m["domain"] for m in train_meta) == ["dyslexic"] * 5 + ["normal"] * 5
-    assert not {m["intended"] for m in train_meta} & {m["intended"] for m in val_meta}
+    assert sorted(m["domain"] for m in unseen_meta) == ["dyslexic"] * 2 + ["normal"] * 2
+    sentences = [{m["intended"] for m in meta} for meta in (train_meta, val_meta, unseen_meta)]
+    assert len(set.union(*sentences)) == 10 + 4 + 4  # no sentence in two splits
+    # val_small is read by training voices; val_unseen only by voices training never heard
+    voices = [{m["speaker"] for m in meta} for meta in (train_meta, val_meta, unseen_meta)]
+    assert voices[1] <= {f"espeak-{v}" for v in demo_data.SEEN.variants}
+    assert voices[2] and not voices[2] & {f"espeak-{v}" for v in demo_data.SEEN.variants}
     formats = {k.split(".")[-1] for k in _members(a / "train")}
     assert {"wav", "flac", "mp3", "ogg", "m4a"} <= formats
 
@@ -50,3 +57,29 @@ def _members(split_dir):
         with tarfile.open(shard) as tf:
             names += tf.getnames()
     return names
+
+
+def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(tmp_path):
+    from wdx.demo.report import write_report
+    from wdx.metrics import by_domain, prompt_table
+
+    def run(hyp_suffix):
+        rows = [dict(key=f"k{i}", domain=("normal", "dyslexic")[i % 2], ref="가나다라", hyp="가나다라" + hyp_suffix * i,
+                     hyp_by_prompt={"normal": "가나다라", "dyslexic": "가나다"}) for i in range(4)]
+        return {"results": by_domain(rows), "samples": rows, "compare_domains": prompt_table(rows)}
+
+    evals = {"val_small": (run("마"), run("")), "val_unseen": (run("마바"), run("마"))}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
+        {"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.0, "eval/loss": 1.5, "eval/samples_per_s": 2.0,
+                                         **{f"eval/{d}/cer": 0.1 for d in ("normal", "dyslexic", "all")}})))
+    deployed = {"wdx.evaluate": (evals["val_small"][1], 3.0)}
+    path = write_report(tmp_path, evals, {"val_small": "seen voices", "val_unseen": "unseen voices"},
+                        evals["val_small"][1]["compare_domains"], run_dir, "accelerate launch ...",
+                        {"5 evaluate fine-tuned, val_unseen": 8.0}, deployed, [])
+    text = path.read_text()
+    assert "| seen voices | normal |" in text and "| unseen voices | all |" in text
+    assert "| dyslexic | 0.000 | **0.250** | 2/2 |" in text  # the right token in bold; 2 of 2 changed
+    assert "50 s per 100 clips" in text and "200 s per 100 clips" in text  # in-loop 2 clips/s; 8 s for 4 clips
+    assert (tmp_path / "cer.png").exists()

