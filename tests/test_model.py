@@ -129,13 +129,13 @@ def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
     new_opt = build_optimizer(cfg, groups, torch.device("cpu"))
     old_opt = torch.optim.AdamW([{"params": old_groups["blocks"], "weight_decay": 0.1},
                                  {"params": old_groups["embedding"], "weight_decay": 0.0}], lr=3e-3, fused=True)
-    texts = ["안녕하세요 오늘은 날씨가 맑고 따뜻합니다", "책을", "저는 사과와 배를 좋아해요 " * 4]
+    texts = ["안녕하세요 오늘은 날씨가 맑고 따뜻합니다", "저는 사과와 배를 좋아해요 " * 4]
     batch = Collator(w.tokenizer, "ko")([dict(text=t, domain=("normal", "dyslexic")[i % 2], key=str(i), duration=1.0,
                                               audio=np.zeros(10, np.float32)) for i, t in enumerate(texts)])
     assert len(batch["label_ids"]) == (batch["labels"] != IGNORE).sum() < batch["labels"].numel()
-    features = torch.randn(3, w.model.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(2, w.model.config.num_mel_bins, 3000, generator=torch.Generator().manual_seed(0))
     losses = []
-    for _ in range(4):
+    for _ in range(3):
         pair = []
         for model, loss_fn, opt in ((w.model, token_loss_sum, new_opt), (old, legacy_loss, old_opt)):
             loss = loss_fn(model, features, batch)
@@ -164,11 +164,11 @@ def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, m
     w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
     vocab = w.model.config.vocab_size
     monkeypatch.setattr(wdx.lm_head, "CHUNK_LOGIT_BYTES", 16 * 4 * vocab)  # 16 positions per chunk
-    batch = Collator(w.tokenizer, "ko")([dict(text="저는 사과와 배를 좋아해요 " * 6, domain="normal", key=str(i),
-                                              duration=1.0, audio=np.zeros(10, np.float32)) for i in range(4)])
+    batch = Collator(w.tokenizer, "ko")([dict(text="저는 사과와 배를 좋아해요 " * 12, domain="normal", key=str(i),
+                                              duration=1.0, audio=np.zeros(10, np.float32)) for i in range(2)])
     caches = []
     w.model.model.decoder.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
-    token_loss_sum(w.model, torch.randn(4, w.model.config.num_mel_bins, 3000), batch).backward()
+    token_loss_sum(w.model, torch.randn(2, w.model.config.num_mel_bins, 3000), batch).backward()
     assert caches == [None]
     # the projection + loss of all label positions, forward and backward, in a fraction of one
     # full logits array (the old way kept three: logits, log-softmax, gradient)
@@ -182,5 +182,5 @@ def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, m
     with live:
         w.model.proj_out(hidden, batch["label_ids"]).backward()
     live.peak -= before
-    assert n >= 4 * 30 and live.peak < n * vocab * 4 / 2
+    assert n >= 2 * 60 and live.peak < n * vocab * 4 / 2
     assert hidden.grad is not None and w.model.proj_out.domain_rows.grad is not None

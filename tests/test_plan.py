@@ -18,8 +18,7 @@ def shaped(d_model: int, layers: int) -> WhisperConfig:
 
 
 @pytest.mark.parametrize("geometry,batch,tokens,precision", [
-    ((384, 4), 2, 100, "no"),  # whisper-tiny's shape
-    ((512, 6), 2, 200, "no"),  # whisper-base's shape
+    ((384, 4), 2, 100, "no"),  # whisper-tiny's shape (base's: +0.2 %, in the README; 16 s more here)
     ((128, 2), 1, 40, "bf16"),  # bf16 at a size this CPU runs (its bf16 kernels are slow)
 ])
 def test_the_plan_is_within_15_percent_of_the_measured_peak(geometry, batch, tokens, precision):
