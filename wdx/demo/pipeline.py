@@ -36,7 +36,7 @@ from . import offline_model
 from .report import write_report
 
 log = logging.getLogger("wdx.demo")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Sizes chosen for 2 CPU cores: ~1.2 s per training sample (forward + backward, base,
 # 30 s padded input) and ~0.5 s per evaluated clip. No loader worker: on 2 cores a worker
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("== [%d/7] %s", n, title)
         return time.perf_counter()
 
-    t = stage(1, f"speaking {N_TRAIN} training and {N_VAL} held-out utterances with espeak-ng -> {data}")
+    t = stage(1, f"speaking {N_TRAIN} training and 2 x {N_VAL} held-out utterances with espeak-ng -> {data}")
     if not (data / "val_small" / "metadata.json").exists():
         demo_data.build(data, N_TRAIN, N_VAL)
     timings["1 data"] = time.perf_counter() - t
