@@ -83,3 +83,13 @@ def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(t
     assert "| dyslexic | 0.000 | **0.250** | 2/2 |" in text  # the right token in bold; 2 of 2 changed
     assert "50 s per 100 clips" in text and "200 s per 100 clips" in text  # in-loop 2 clips/s; 8 s for 4 clips
     assert (tmp_path / "cer.png").exists()
+
+
+def test_the_demo_launches_this_checkouts_train_loop_and_config(tmp_path):
+    from pathlib import Path
+
+    from wdx.demo.pipeline import train_command
+
+    cmd = train_command(tmp_path / "data", tmp_path / "base", tmp_path / "runs")
+    config, script = Path(cmd[cmd.index("--config_file") + 1]), Path(cmd[cmd.index("--config_file") + 2])
+    assert config.is_file() and config.name == "cpu.yaml" and script.is_file() and script.name == "train_loop.py"
