@@ -25,7 +25,7 @@ def utterance(i: int, seconds_range=(5.0, 15.0)) -> tuple[np.ndarray, str]:
     tts = espeak()
     while total < target:
         sentence = pool[rng.randrange(len(pool))]
-        audio = tts.say(" ".join(sentence), voice=rng.choice(demo_data.VOICES), rate=rng.randint(140, 180))
+        audio = tts.say(" ".join(sentence), voice=rng.choice(demo_data.SEEN.variants), rate=rng.randint(140, 180))
         if total + len(audio) / tts.rate > seconds_range[1]:
             break
         pieces.append(audio)

@@ -26,7 +26,7 @@ def test_bench_smoke_prints_three_tables_and_bench_gpu_runs_on_the_cpu(tmp_path)
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "g.json").read_text())
-    assert set(results["runs"]) == {"single_gpu", "zero2"}
+    assert set(results["runs"]) == {"single_gpu"}  # zero2 only on a GPU (same code path, suite time)
     for run in results["runs"].values():
         assert run["precision"] == "bf16" and run["samples_per_s"] > 0 and run["eval_samples_per_s"] > 0
 
