@@ -71,3 +71,20 @@ def test_every_flag_default_comes_from_the_dataclass():
             continue
         assert defaults[f.name] == f.default, f.name
         assert f"--{flag(f.name)}" in parser.format_help()
+
+
+def test_processes_come_from_the_launcher_else_the_default_accelerate_config(tmp_path, monkeypatch):
+    import accelerate.commands.config.config_args as config_args
+
+    from wdx.plan import processes
+
+    config = tmp_path / "default_config.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\n"
+                      "machine_rank: 0\nnum_machines: 1\nuse_cpu: false\n")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(config_args, "default_config_file", str(tmp_path / "none.yaml"))
+    assert processes() == 1
+    monkeypatch.setattr(config_args, "default_config_file", str(config))
+    assert processes() == 4
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert processes() == 8
