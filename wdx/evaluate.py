@@ -29,7 +29,7 @@ from .data import ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
-from .metrics import by_domain, compare, error_rates, format_comparison, format_table, prompt_table
+from .metrics import by_domain, cer, compare, format_comparison, format_table, prompt_table
 from .shards import DatasetError, load_split
 from .text import normalize_text
 from .tracking import quiet_libraries
@@ -165,7 +165,7 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
                 hyps = transcribe_long(transcriber, clips, [s["domain"] for s in samples], batch_size)
             for i, s in enumerate(samples):
                 row = dict(key=s["key"], domain=s["domain"], ref=s["text"], hyp=hyps[i],
-                           cer=error_rates([s["text"]], [hyps[i]])["cer"])
+                           cer=cer([s["text"]], [hyps[i]]))
                 if compare:
                     row["hyp_by_prompt"] = {d: extra[d][i] for d in DOMAINS}
                 rows.append(row)

@@ -34,9 +34,22 @@ def utterance_edits(refs: list[str], hyps: list[str]) -> tuple[np.ndarray, np.nd
     if not pairs:
         return np.zeros(0), np.zeros(0)
     out = jiwer.process_characters([p[0] for p in pairs], [p[1] for p in pairs])
-    edits = [sum((c.hyp_end_idx - c.hyp_start_idx) if c.type == "insert" else (c.ref_end_idx - c.ref_start_idx)
-                 for c in chunks if c.type != "equal") for chunks in out.alignments]
-    return np.asarray(edits, dtype=np.float64), np.asarray([len(p[0]) for p in pairs], dtype=np.float64)
+    return _edits(out), np.asarray([len(p[0]) for p in pairs], dtype=np.float64)
+
+
+def _edits(out: jiwer.CharacterOutput) -> np.ndarray:
+    """Substitutions + deletions + insertions of each utterance of one jiwer alignment."""
+    def size(c) -> int:
+        return c.hyp_end_idx - c.hyp_start_idx if c.type == "insert" else c.ref_end_idx - c.ref_start_idx
+
+    return np.asarray([sum(size(c) for c in chunks if c.type != "equal") for chunks in out.alignments],
+                      dtype=np.float64)
+
+
+def cer(refs: list[str], hyps: list[str]) -> float:
+    """Corpus CER alone (total edits / total reference characters): no WER, no interval."""
+    edits, lengths = utterance_edits(refs, hyps)
+    return float(edits.sum() / lengths.sum()) if len(lengths) else float("nan")
 
 
 def bootstrap_interval(edits: np.ndarray, lengths: np.ndarray, other: np.ndarray | None = None,
@@ -73,7 +86,7 @@ def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = No
     chars = jiwer.process_characters([p[0] for p in pairs], [p[1] for p in pairs])
     length = chars.substitutions + chars.deletions + chars.hits
     wer = jiwer.wer([p[2] for p in pairs], [p[3] or "" for p in pairs])
-    lo, hi = bootstrap_interval(*utterance_edits([p[0] for p in pairs], [p[1] for p in pairs]))
+    lo, hi = bootstrap_interval(_edits(chars), np.asarray([len(p[0]) for p in pairs], dtype=np.float64))
     return {"cer": float(chars.cer), "cer_lo": lo, "cer_hi": hi, "wer": float(wer), "n": len(pairs),
             "sub": chars.substitutions / length, "del": chars.deletions / length, "ins": chars.insertions / length,
             "runaway": sum(p[4] for p in pairs)}
@@ -102,8 +115,7 @@ def prompt_table(rows: list[dict]) -> dict:
     out = {}
     for true in DOMAINS:
         sub = [r for r in rows if r["domain"] == true]
-        out[true] = {f"prompt_{p}": error_rates([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub])["cer"]
-                     for p in DOMAINS}
+        out[true] = {f"prompt_{p}": cer([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub]) for p in DOMAINS}
         out[true]["n"] = len(sub)
         out[true]["changed"] = sum(len(set(r["hyp_by_prompt"].values())) > 1 for r in sub)
     return out

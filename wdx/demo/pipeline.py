@@ -30,7 +30,7 @@ import numpy as np
 from .. import evaluate, export_ct2
 from ..inference import Transcriber
 from ..longform import transcribe_long
-from ..metrics import by_domain, error_rates
+from ..metrics import by_domain, cer
 from . import data as demo_data
 from . import offline_model
 from .report import write_report
@@ -94,8 +94,8 @@ def long_recordings(final: Path, samples: list[dict], after: dict, per_recording
             (hyp,) = transcribe_long(transcriber, [audio], [domain], BATCH)
             refs = [s["text"] for s in group]
             rows.append(dict(domain=domain, sentences=len(group), seconds=len(audio) / 16000,
-                             cer_one_by_one=error_rates(refs, [single[s["key"]] for s in group])["cer"],
-                             cer_long=error_rates([" ".join(refs)], [hyp])["cer"]))
+                             cer_one_by_one=cer(refs, [single[s["key"]] for s in group]),
+                             cer_long=cer([" ".join(refs)], [hyp])))
     return rows
 
 
