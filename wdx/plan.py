@@ -213,30 +213,42 @@ def processes() -> int:
     return 1
 
 
+STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
+
+
+def simulated_steps(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
+                    precision: str) -> dict[str, Step]:
+    """One simulated step per strategy: the loop's own for DDP, DeepSpeed's 16-bit module for ZeRO."""
+    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
+    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
+    return {name: plain if name == "DDP" else ds for name in STRATEGIES}
+
+
+def on_gpu(part: dict[str, float]) -> float:
+    """Allocated bytes per GPU of a `per_gpu` breakdown (host RAM left out)."""
+    return part["step"] + part["states"] + part["buckets"]
+
+
 def plan_gib(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
              precision: str, gpus: int = 1) -> dict[str, float]:
     """Allocated peak per GPU (GiB) for each strategy: what bench.gpu sets beside its measurement."""
-    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
-    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
-    out = {"DDP": plain}
-    out.update({s: ds for s in ("ZeRO-2", "ZeRO-3", "ZeRO-3+offload")})
-    return {s: sum(v for k, v in per_gpu(step, s, gpus).items() if k != "host") / GIB for s, step in out.items()}
+    steps = simulated_steps(config, encoder_layers, decoder_layers, batch, tokens, precision)
+    return {name: on_gpu(per_gpu(step, name, gpus)) / GIB for name, step in steps.items()}
 
 
 def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
                precision: str, gpus: int = 1) -> str:
-    config = load_config(base_model)
-    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
-    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
+    steps = simulated_steps(load_config(base_model), encoder_layers, decoder_layers, batch, tokens, precision)
+    plain = steps["DDP"]
     lines = [f"memory plan for {base_model}: {plain.params:,} parameters, {plain.trainable:,} trained "
              f"({100 * plain.trainable / plain.params:.1f} %), {precision}, {gpus} process(es), batch {batch} "
              f"x {tokens} decoder tokens per GPU",
              "  simulated: two steps of the loop's own code on fake tensors; GiB per GPU, allocated at the peak",
              f"  {'strategy':<15}{'step':>7}{'+states':>8}{'+buckets':>9}{'total':>7}{'card':>7}{'host RAM':>10}   "
              + "  ".join(f"{g} GB card" for g in CARDS_GIB)]
-    for name, step in (("DDP", plain), ("ZeRO-2", ds), ("ZeRO-3", ds), ("ZeRO-3+offload", ds)):
+    for name, step in steps.items():
         part = per_gpu(step, name, gpus)
-        total = part["step"] + part["states"] + part["buckets"]
+        total = on_gpu(part)
         fits = [f"{'no' if b < 1 else f'b<={b}':>10}" for b in largest_batches(step, name, gpus, batch)]
         lines.append(f"  {name:<15}{part['step'] / GIB:>7.2f}{part['states'] / GIB:>8.2f}{part['buckets'] / GIB:>9.2f}"
                      f"{total / GIB:>7.2f}{card_needs(total) / GIB:>7.2f}{part['host'] / GIB:>10.1f}   "
@@ -251,8 +263,7 @@ def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch:
 def largest_batches(step: Step, strategy: str, gpus: int, batch: int) -> list[int]:
     """The largest per-GPU batch that fits each of CARDS_GIB (0: none), from a step simulated
     at `batch`: activations and temporaries grow with the batch, model states do not."""
-    part = per_gpu(step, strategy, gpus)
-    total = part["step"] + part["states"] + part["buckets"]
+    total = on_gpu(per_gpu(step, strategy, gpus))
     per_sample = max(step.peak - _states_in_step(step, strategy), 1) / batch
     allowed = [(card * 10**9 - CUDA_CONTEXT) / (1 + ALLOCATOR_SLACK) for card in CARDS_GIB]
     return [max(0, math.floor((a - (total - per_sample * batch)) / per_sample)) for a in allowed]
