@@ -118,8 +118,7 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
         new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced, encoded)
         by_prompt = {}
         for shift in range(1, len(DOMAINS)) if compare_domains else ():  # each clip under every other token
-            domains = [DOMAINS[(DOMAINS.index(d) + shift) % len(DOMAINS)] if d in DOMAINS else d
-                       for d in batch.get("domain", [])]
+            domains = [DOMAINS[(DOMAINS.index(d) + shift) % len(DOMAINS)] for d in batch.get("domain", [])]
             prompts = batch["prompt_ids"].clone()
             if domains:
                 prompts[:, -1] = torch.tensor(tokenizer.convert_tokens_to_ids([domain_token(d) for d in domains]),
@@ -131,9 +130,8 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
     capped = ((new != eos).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
     rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c) for k, d, r, h, c in
             zip(batch.get("key", []), batch.get("domain", []), batch.get("text", []), decode(tokenizer, new), capped)]
-    for i, row in enumerate(rows):
-        if compare_domains:
-            row["hyp_by_prompt"] = {row["domain"]: row["hyp"], **{ds[i]: hs[i] for ds, hs in by_prompt.values()}}
+    for i, row in enumerate(rows if compare_domains else []):
+        row["hyp_by_prompt"] = {row["domain"]: row["hyp"], **{ds[i]: hs[i] for ds, hs in by_prompt.values()}}
     return loss, n, rows
 
 
