@@ -60,3 +60,14 @@ def test_deepspeed_values_that_contradict_the_flags_are_refused(monkeypatch):
     reconcile_deepspeed(cfg, ds)
     assert ds == {"bf16": {"enabled": False}, "fp16": {"enabled": False, "loss_scale": 0},
                   "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
+
+
+def test_a_checkpoint_from_before_the_domain_rows_parameter_is_refused_in_one_line(tmp_path):
+    ck = tmp_path / "step-0000002"
+    ck.mkdir()
+    old = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
+           "num_mel_bins": 80, "tokenizer_size": 10}  # what train_loop.py wrote before: no "domain_rows"
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps(old))
+    with pytest.raises(checkpoint.CheckpointError, match="written by an older version of this trainer") as err:
+        checkpoint.check_fingerprint(ck, {**old, "domain_rows": checkpoint.DOMAIN_ROWS})
+    assert "\n" not in str(err.value)
