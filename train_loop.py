@@ -32,39 +32,42 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from wdx import checkpoint, faults, rundir
+from wdx import checkpoint, encoder_cache, faults, rundir
 from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
 from wdx.debug import debug_step
 from wdx.domains import DOMAINS
-from wdx.evaluation import evaluate, examples, token_loss_sum
+from wdx.evaluation import evaluate, examples, model_input, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
-from wdx.features import log_mel
 from wdx.metrics import format_table
 from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, setup
 from wdx.plan import plan_table, processes
-from wdx.shards import DatasetError, load_split
+from wdx.shards import DatasetError, Split, load_split
 from wdx.tracking import MetricsLog, flatten_eval, setup_logging
 
 log = logging.getLogger("train_loop")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+COMPUTE_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by --mixed-precision
 
 
 # ----------------------------------------------------------------------------- builders
 
-def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper):
-    """Train and eval loaders; each rank and worker reads its own samples (never prepare()d)."""
+def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, splits: list[Split] | None = None,
+               read_sample=None):
+    """Train and eval loaders; each rank and worker reads its own samples (never prepare()d).
+    `splits` and `read_sample`: the encoder cache's shards and reader, instead of the audio's."""
     collate = Collator(whisper.tokenizer, cfg.language)
     encode = make_text_encoder(whisper.tokenizer, whisper.model.config.max_target_positions)
     common = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                   seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain,
-                  shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode)
-    train = ShardedSamples(load_split(cfg.dataset_root, cfg.train_split, cfg.samples_per_shard), train=True,
-                           batch_size=cfg.per_device_train_batch_size, **common)
-    val = ShardedSamples(load_split(cfg.dataset_root, cfg.eval_split, cfg.samples_per_shard), train=False,
-                         batch_size=cfg.per_device_eval_batch_size, **common)
+                  shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode,
+                  read_sample=read_sample)
+    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard)
+                                         for name in (cfg.train_split, cfg.eval_split)]
+    train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size, **common)
+    val = ShardedSamples(eval_split, train=False, batch_size=cfg.per_device_eval_batch_size, **common)
     pin = accelerator.device.type == "cuda"
     return (train, make_loader(train, cfg.num_workers, cfg.persistent_workers, pin),
             val, make_loader(val, cfg.num_workers, cfg.persistent_workers, pin))
@@ -108,7 +111,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
     if cfg.gradient_checkpointing:
         whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.precision() != "no" and not zero_stage(accelerator):  # DeepSpeed casts the whole module itself
-        saved = cast_frozen(whisper.model, {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision()])
+        saved = cast_frozen(whisper.model, COMPUTE_DTYPE[cfg.precision()])
         log.info("frozen weights held in %s: %.2f GiB saved", cfg.precision(), saved / 2**30)
     return whisper, groups
 
@@ -324,8 +327,8 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
     for batch in micro_batches:
         batch = to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
-            features = log_mel(batch["audio"], n_mels, dtype)  # fp32 maths, then the model's dtype
-            loss = token_loss_sum(model, features, batch)
+            inputs = model_input(batch, n_mels, dtype)  # log-mel (fp32 maths) or cached states, in the model's dtype
+            loss = token_loss_sum(model, inputs, batch)
             accelerator.backward(loss * scale)
         loss_sum += loss.detach().float()
     return loss_sum, tokens
@@ -422,6 +425,12 @@ def train(cfg: TrainConfig) -> int:
     state = resume_state(cfg, accelerator, fingerprint, data_layout(cfg, accelerator, train_ds))
     if cfg.export:
         return export(cfg, accelerator, model, whisper, fingerprint, config_json)
+    cache_stats = {}
+    if cfg.encoder_cache:  # the frozen encoder prefix's output, once per clip (built here on first use)
+        splits, reader, cache_stats = encoder_cache.ensure(cfg, accelerator, accelerator.unwrap_model(model),
+                                                           [train_ds.split, eval_ds.split],
+                                                           COMPUTE_DTYPE[cfg.precision()])
+        train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper, splits, reader)
     if cfg.debug_step:
         return run_debug_step(cfg, accelerator, model, optimizer, train_loader, groups, n_mels, dtype)
     if cfg.login_wandb:
@@ -430,6 +439,8 @@ def train(cfg: TrainConfig) -> int:
 
     trainable = [p for ps in groups.values() for p in ps]
     metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl")
+    if cache_stats:
+        metrics.write(state.step, cache_stats)
     batches = StepBatches(cfg, accelerator, train_ds, train_loader, state, metrics)
     meter, stop, last_eval, early_stopped = TrainMeter(accelerator.device), StopSignal(), None, False
     files = {checkpoint.CONFIG_FILE: config_json, checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)}

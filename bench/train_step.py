@@ -140,7 +140,7 @@ def run_floor(args) -> dict:
     opt = build_optimizer(TrainConfig(dataset_root="x", run_name="x"), groups, torch.device("cpu"))
     stamps = []
     for _ in range(args.steps):
-        loss = token_loss_sum(w.model, features, batch) / (batch["labels"] != IGNORE).sum()
+        loss = token_loss_sum(w.model, {"input_features": features}, batch) / (batch["labels"] != IGNORE).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

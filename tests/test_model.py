@@ -138,7 +138,7 @@ def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
     for _ in range(3):
         pair = []
         for model, loss_fn, opt in ((w.model, token_loss_sum, new_opt), (old, legacy_loss, old_opt)):
-            loss = loss_fn(model, features, batch)
+            loss = loss_fn(model, {"input_features": features} if loss_fn is token_loss_sum else features, batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -168,7 +168,7 @@ def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, m
                                               duration=1.0, audio=np.zeros(10, np.float32)) for i in range(2)])
     caches = []
     w.model.model.decoder.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
-    token_loss_sum(w.model, torch.randn(2, w.model.config.num_mel_bins, 3000), batch).backward()
+    token_loss_sum(w.model, {"input_features": torch.randn(2, w.model.config.num_mel_bins, 3000)}, batch).backward()
     assert caches == [None]
     # the projection + loss of all label positions, forward and backward, in a fraction of one
     # full logits array (the old way kept three: logits, log-softmax, gradient)

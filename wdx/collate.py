@@ -53,8 +53,15 @@ def make_text_encoder(tokenizer, max_target_positions: int) -> Callable[[str], l
     return encode
 
 
+def encoder_input(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """The padded audio, or the frozen encoder prefix's cached states (wdx.encoder_cache)."""
+    if "states" in samples[0]:
+        return {"encoder_states": torch.stack([s["states"] for s in samples])}
+    return {"audio": pad_audio(samples)}
+
+
 class Collator:
-    """Samples -> {audio, decoder_input_ids, labels, label_positions, label_ids, domain, text, key, ...}."""
+    """Samples -> {audio (or encoder_states), decoder_input_ids, labels, label_positions, label_ids, domain, text, key, ...}."""
 
     def __init__(self, tokenizer, language: str) -> None:
         self.prompts = {d: prompt_ids(tokenizer, language, d) for d in ("normal", "dyslexic")}
@@ -75,7 +82,7 @@ class Collator:
             inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
             labels[i, n_prompt - 1: len(seq) - 1] = torch.tensor(seq[n_prompt:])
         positions, targets = label_targets(labels)
-        return dict(audio=pad_audio(samples), decoder_input_ids=inputs, labels=labels, label_positions=positions,
+        return dict(**encoder_input(samples), decoder_input_ids=inputs, labels=labels, label_positions=positions,
                     label_ids=targets,
                     prompt_ids=torch.tensor([self.prompts[s["domain"]] for s in samples]),
                     **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})

@@ -52,6 +52,11 @@ class TrainConfig:
     num_workers: int = opt(2, "data loader worker processes per training process", group="data")
     persistent_workers: bool = opt(False, "keep loader workers alive between epochs", group="data")
     max_eval_samples: int | None = opt(None, "evaluate on at most this many samples (default: all)", group="data")
+    encoder_cache: str | None = opt(None, "directory of the encoder cache: the frozen encoder blocks' output for every "
+                                          "clip, built on first use, so later epochs skip audio decoding, log-mel and "
+                                          "the frozen blocks (README 'Encoder cache')", group="data")
+    rebuild_encoder_cache: bool = opt(False, "--encoder-cache built for another set-up: delete and build it again "
+                                             "(default: refuse it, naming what differs)", group="data")
     # --- model
     base_model: str = opt("openai/whisper-large-v3", "hub id or local directory of a Whisper checkpoint",
                           group="model")
@@ -172,6 +177,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     resolve_precision(cfg, os.environ)
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout: must be in [0, 1) (got {cfg.dropout})")
+    if cfg.encoder_cache and cfg.dropout > 0:
+        raise ConfigError(f"--dropout {cfg.dropout}: dropout in the frozen encoder blocks would change their output "
+                          "every epoch, which --encoder-cache stores once; use --dropout 0 or no --encoder-cache")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"--learning-rate: must be > 0 (got {cfg.learning_rate})")
     if cfg.save_steps % cfg.eval_steps:

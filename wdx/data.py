@@ -15,6 +15,7 @@ can report them for the whole run, workers and ranks included.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import logging
@@ -89,7 +90,7 @@ class Position:
     offset: int = 0
 
 
-def _shard_name(url: str) -> str:
+def shard_name(url: str) -> str:
     return url.rsplit("/", 1)[-1]
 
 
@@ -164,7 +165,7 @@ def read_slot(split: Split, segments: list, length: int, first: int, skips: Skip
             yield index, sample
         if yielded == 0 and n_pass > first // period:
             raise DatasetError(f"{split.name}: a slot's shards yielded no samples at all "
-                               f"({', '.join(_shard_name(split.urls[s.shard]) for s in segments)})")
+                               f"({', '.join(shard_name(split.urls[s.shard]) for s in segments)})")
 
 
 def cut_segments(segments: list, lo: int, hi: int) -> list:
@@ -188,7 +189,7 @@ def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Ite
             for i, sample in enumerate(iter_shard(url)):
                 if i >= seg.stop:
                     if seg.stop == declared:
-                        skips.skip("count_mismatch", _shard_name(url), sample["__key__"],
+                        skips.skip("count_mismatch", shard_name(url), sample["__key__"],
                                    f"more samples than the {declared} metadata.json says; the rest are not read")
                     break
                 seen = i + 1
@@ -198,10 +199,10 @@ def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Ite
                 yield position, sample
             else:
                 if seen < seg.stop:
-                    skips.skip("count_mismatch", _shard_name(url), "-", f"ended after {seen} samples; "
+                    skips.skip("count_mismatch", shard_name(url), "-", f"ended after {seen} samples; "
                                f"metadata.json says {declared}")
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            skips.skip("corrupt_shard", _shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
+            skips.skip("corrupt_shard", shard_name(url), "-", f"rest of shard unreadable: {_first_arg(exc)}")
 
 
 def _first_arg(exc: Exception) -> str:
@@ -256,13 +257,13 @@ def block_shuffle(src: Iterable[tuple[int, dict]], length: int, block: int, seed
         yield from flush(current, items)
 
 
-def decode(src: Iterable[tuple[tuple[int, int], dict]], *, target_sr: int, split_domain: str | None,
-           default_domain: str | None, skips: Skips) -> Iterator[dict]:
-    """Raw member bytes -> {audio, text, domain, key, shard, duration, pos}; bad samples skipped."""
+def decode(src: Iterable[tuple[tuple[int, int], dict]], decode_one: Callable[[dict], dict | str],
+           skips: Skips) -> Iterator[dict]:
+    """Raw member bytes -> {audio (or states), text, domain, key, shard, duration, pos}; bad samples skipped.
+    `decode_one` is `decode_sample` with the split's settings, or the encoder cache's reader."""
     for pos, raw in src:
-        shard, key = _shard_name(raw.get("__url__", "?")), raw["__key__"]
-        result = decode_sample(raw, target_sr=target_sr, split_domain=split_domain,
-                               default_domain=default_domain)
+        shard, key = shard_name(raw.get("__url__", "?")), raw["__key__"]
+        result = decode_one(raw)
         if isinstance(result, str):
             skips.record(result, shard, key)
             continue
@@ -400,14 +401,17 @@ class ShardedSamples(torch.utils.data.IterableDataset):
     def __init__(self, split: Split, *, rank: int, world_size: int, num_workers: int, batch_size: int,
                  train: bool, seed: int, target_sr: int, default_domain: str | None,
                  shuffle_block: int, open_shards: int = 1, collate: Callable = default_collate,
-                 encode_text: Callable[[str], list[int] | str] | None = None) -> None:
+                 encode_text: Callable[[str], list[int] | str] | None = None,
+                 read_sample: Callable[[dict], dict | str] | None = None) -> None:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.workers = max(1, num_workers)
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.target_sr, self.default_domain = target_sr, default_domain
         self.shuffle_block = shuffle_block if train else 1
         self.lanes = open_shards if train else 1  # evaluation order does not matter
         self.collate, self.encode_text = collate, encode_text
+        # raw tar sample -> decoded sample or skip verdict: the audio decoder, or the encoder cache's reader
+        self.read_sample = read_sample or functools.partial(decode_sample, target_sr=target_sr,
+                                                            split_domain=split.domain, default_domain=default_domain)
         self._epoch = mp.Value("q", 0, lock=False)
         self._start = mp.Array("q", [0] * (3 * self.workers + 1), lock=False)
         n_slots = world_size * self.workers
@@ -461,8 +465,7 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: read_slot(self.split, segments, max(length, 1), first, skips, repeat=self.train, lanes=self.lanes),
             lambda src: block_shuffle(src, period, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
-            lambda src: decode(src, target_sr=self.target_sr, split_domain=self.split.domain,
-                               default_domain=self.default_domain, skips=skips),
+            lambda src: decode(src, self.read_sample, skips),
             lambda src: tokenize(src, self.encode_text, skips),
             lambda src: batched(src, sizes, self.batch_size, self.collate, skips, done=start.batches),
         )

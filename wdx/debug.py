@@ -14,8 +14,7 @@ import time
 import torch
 
 from .collate import IGNORE
-from .evaluation import token_loss_sum
-from .features import log_mel
+from .evaluation import model_input, token_loss_sum
 
 
 def _sync(device: torch.device) -> None:
@@ -50,10 +49,10 @@ def debug_step(accelerator, model, optimizer, loader, groups: dict, steps: int, 
     model.train()
     for _ in range(steps):
         marks = [time.perf_counter()]
-        features = log_mel(batch["audio"], n_mels, dtype)
+        inputs = model_input(batch, n_mels, dtype)
         _sync(device)
         marks.append(time.perf_counter())
-        loss = token_loss_sum(model, features, batch) / (batch["labels"] != IGNORE).sum()
+        loss = token_loss_sum(model, inputs, batch) / (batch["labels"] != IGNORE).sum()
         _sync(device)
         marks.append(time.perf_counter())
         accelerator.backward(loss)
@@ -68,7 +67,8 @@ def debug_step(accelerator, model, optimizer, loader, groups: dict, steps: int, 
             phases[name].append(b - a)
         losses.append(loss.item())
     total = sum(statistics.median(v) for v in phases.values())
-    lines = [f"debug step: {steps} steps on one batch of {len(batch['key'])} samples, device {device}",
+    start = "cached encoder states" if "encoder_states" in batch else "audio"
+    lines = [f"debug step: {steps} steps on one batch of {len(batch['key'])} samples from {start}, device {device}",
              f"  data wait (first batch)  {data_wait * 1000:9.1f} ms",
              f"  {'phase':<22} {'median ms':>10} {'share':>7}"]
     lines += [f"  {name:<22} {statistics.median(v) * 1000:10.1f} {statistics.median(v) / total:7.1%}"

@@ -22,9 +22,10 @@ from .metrics import by_domain, prompt_table
 log = logging.getLogger(__name__)
 
 
-def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_tokens: int,
+def generate(model, features: torch.Tensor | None, prompts: torch.Tensor, max_new_tokens: int,
              synced_gpus: bool = False, encoder_outputs=None) -> torch.Tensor:
-    """Greedy decoding from `prompts`; returns only the new tokens.
+    """Greedy decoding from `prompts`; returns only the new tokens. Given `encoder_outputs`
+    (computed once for several decodings, or from cached states), the encoder is not rerun.
 
     GenerationMixin.generate is called directly: Whisper's own `generate` rebuilds the
     prompt from its generation config and would drop the domain token. A fresh config
@@ -36,26 +37,42 @@ def generate(model, features: torch.Tensor, prompts: torch.Tensor, max_new_token
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
         pad_token_id=stored.pad_token_id, decoder_start_token_id=stored.decoder_start_token_id,
         suppress_tokens=stored.suppress_tokens, begin_suppress_tokens=stored.begin_suppress_tokens)
-    extra = {} if encoder_outputs is None else {"encoder_outputs": encoder_outputs}  # then the encoder is not rerun
-    out = transformers.GenerationMixin.generate(
-        model, input_features=features, decoder_input_ids=prompts, generation_config=config, synced_gpus=synced_gpus,
-        attention_mask=torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device),
-        **extra)
+    if encoder_outputs is not None:
+        inputs = {"encoder_outputs": encoder_outputs}
+    else:
+        inputs = {"input_features": features, "attention_mask": torch.ones(features.shape[0], features.shape[-1],
+                                                                           dtype=torch.long, device=features.device)}
+    out = transformers.GenerationMixin.generate(model, decoder_input_ids=prompts, generation_config=config,
+                                                synced_gpus=synced_gpus, **inputs)
     return out[:, prompts.shape[1]:]
 
 
-def token_loss_sum(model, features: torch.Tensor, batch: dict, encoder_outputs=None) -> torch.Tensor:
+def model_input(batch: dict, n_mels: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Where the encoder starts: log-mel of the audio, or the cached frozen-prefix states.
+
+    Both in the dtype of the model's weights (fp32 maths first for log-mel; call it outside
+    autocast): under DeepSpeed bf16/fp16 nothing casts the module's inputs.
+    """
+    if "encoder_states" in batch:
+        return {"prefix_states": batch["encoder_states"].to(dtype)}
+    return {"input_features": log_mel(batch["audio"], n_mels, dtype)}
+
+
+def token_loss_sum(model, inputs: dict[str, torch.Tensor], batch: dict, encoder_outputs=None) -> torch.Tensor:
     """Sum of the label tokens' cross-entropy over one batch (fp32), for training and eval alike.
 
-    A sum, not a mean: the caller divides by the label tokens of everything it averages
-    over (a whole optimizer step, a whole eval split), so short and long transcripts
-    weigh by their tokens. Only label positions are projected, in chunks, with no KV cache
+    `inputs` is `model_input(...)` (ignored when `encoder_outputs` is given). A sum, not a
+    mean: the caller divides by the label tokens of everything it averages over (a whole
+    optimizer step, a whole eval split), so short and long transcripts weigh by their
+    tokens. Only label positions are projected, in chunks, with no KV cache
     (wdx.lm_head.DomainWhisper).
     """
     positions, targets = batch.get("label_positions"), batch.get("label_ids")
     if positions is None:
         positions, targets = label_targets(batch["labels"])
-    return model(input_features=features, decoder_input_ids=batch["decoder_input_ids"], label_positions=positions,
+    if encoder_outputs is not None:
+        inputs = {}
+    return model(**inputs, decoder_input_ids=batch["decoder_input_ids"], label_positions=positions,
                  label_ids=targets, encoder_outputs=encoder_outputs)
 
 
@@ -110,12 +127,12 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
 
 def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
                 pad_to: int | None, compare_domains: bool) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    features = log_mel(batch["audio"], n_mels, model.dtype)  # fp32 maths outside autocast, as in training
+    inputs = model_input(batch, n_mels, model.dtype)  # fp32 log-mel maths outside autocast, as in training
     eos, synced = model.generation_config.eos_token_id, pad_to is not None
     with accelerator.autocast():
-        encoded = model.model.encoder(features)  # once, for the loss and every generation
-        loss = token_loss_sum(model, features, batch, encoded)  # the bare module: no DDP collectives
-        new = generate(model, features, batch["prompt_ids"], max_new_tokens, synced, encoded)
+        encoded = model.encode(**inputs)  # once, for the loss and every generation
+        loss = token_loss_sum(model, inputs, batch, encoded)  # the bare module: no DDP collectives
+        new = generate(model, None, batch["prompt_ids"], max_new_tokens, synced, encoded)
         by_prompt = {}
         for shift in range(1, len(DOMAINS)) if compare_domains else ():  # each clip under every other token
             domains = [DOMAINS[(DOMAINS.index(d) + shift) % len(DOMAINS)] for d in batch.get("domain", [])]
@@ -123,7 +140,7 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
             if domains:
                 prompts[:, -1] = torch.tensor(tokenizer.convert_tokens_to_ids([domain_token(d) for d in domains]),
                                               device=prompts.device)
-            by_prompt[shift] = (domains, decode(tokenizer, generate(model, features, prompts, max_new_tokens, synced,
+            by_prompt[shift] = (domains, decode(tokenizer, generate(model, None, prompts, max_new_tokens, synced,
                                                                     encoded)))
     n = (batch["labels"] != IGNORE).sum()
     # cut off at the limit: no <|endoftext|> in max_new_tokens tokens (one host sync per eval batch)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .data import Skips, _first_arg, _shard_name, decode_sample, iter_shard
+from .data import Skips, _first_arg, shard_name, decode_sample, iter_shard
 from .shards import DatasetError, Split, load_split
 
 DEFAULT_SPLITS = ("train", "val_small")
@@ -53,10 +53,10 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
                     bar.update()
                     _add(report, skips, raw, split, default_domain)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                skips.skip("corrupt_shard", _shard_name(url), "-", _first_arg(exc))
+                skips.skip("corrupt_shard", shard_name(url), "-", _first_arg(exc))
             report.counted_samples += counted
             if counted != expected:
-                report.count_mismatches.append((_shard_name(url), expected, counted))
+                report.count_mismatches.append((shard_name(url), expected, counted))
     report.skipped = Counter(skips.take())
     return report
 
@@ -64,7 +64,7 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
 def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None) -> None:
     sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain)
     if isinstance(sample, str):
-        skips.record(sample, _shard_name(raw.get("__url__", "?")), raw["__key__"])
+        skips.record(sample, shard_name(raw.get("__url__", "?")), raw["__key__"])
         return
     report.usable_samples += 1
     report.hours += sample["duration"] / 3600

@@ -11,6 +11,10 @@ models are plain Whisper.
 The training loss never builds the batch x vocabulary logits: the decoder states of the
 label positions only are projected, a chunk at a time, and each chunk's gradient is taken
 on the spot (the loss is the last operation of the step), so no chunk's logits outlive it.
+
+The encoder can also start above its frozen blocks: `prefix_states` (what wdx.encoder_cache
+stored: the output of the conv stem, positions and the frozen blocks) skip straight to the
+trained blocks, so a cached step never runs what cannot change.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import WhisperForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 
 CHUNK_LOGIT_BYTES = 128 * 2**20  # fp32 logits of one chunk; peak transient is ~2.5x this
 EMBEDDING_KEY = "model.decoder.embed_tokens.weight"
@@ -121,10 +126,16 @@ class DomainWhisper(WhisperForConditionalGeneration):
 
     Called through the (DDP/DeepSpeed) wrapper like any forward, so gradient hooks and ZeRO-3
     gathering behave as usual. Without `label_positions` it is plain Whisper (generation).
+    `prefix_states` (instead of `input_features`) are the output of the first
+    `frozen_prefix` encoder blocks, set by wdx.model.freeze_except.
     """
 
+    frozen_prefix = 0  # encoder blocks below the first trained one
+
     def forward(self, *args, label_positions: torch.Tensor | None = None, label_ids: torch.Tensor | None = None,
-                **kwargs):
+                prefix_states: torch.Tensor | None = None, **kwargs):
+        if prefix_states is not None:
+            kwargs["encoder_outputs"] = self.encode(prefix_states=prefix_states)
         if label_positions is None:
             return super().forward(*args, **kwargs)
         kwargs.pop("use_cache", None)
@@ -133,7 +144,29 @@ class DomainWhisper(WhisperForConditionalGeneration):
         return self.proj_out(hidden, label_ids)
 
     # transformers checks generate()'s keyword arguments against forward's signature: show Whisper's
-    forward.__signature__ = _whisper_signature_and("label_positions", "label_ids")
+    forward.__signature__ = _whisper_signature_and("label_positions", "label_ids", "prefix_states")
+
+    def encode(self, input_features: torch.Tensor | None = None, prefix_states: torch.Tensor | None = None,
+               ) -> BaseModelOutput:
+        """The encoder's output, from log-mel features or from the frozen prefix's states."""
+        if prefix_states is None:
+            return self.model.encoder(input_features)
+        encoder = self.model.encoder
+        hidden = prefix_states
+        for layer in encoder.layers[self.frozen_prefix:]:
+            hidden = layer(hidden, None)
+        return BaseModelOutput(last_hidden_state=encoder.layer_norm(hidden))
+
+    def encoder_prefix(self, input_features: torch.Tensor) -> torch.Tensor:
+        """What `prefix_states` are: conv stem, positions and the frozen blocks, exactly as
+        WhisperEncoder.forward computes them (no dropout or layer drop: the cache refuses both)."""
+        encoder = self.model.encoder
+        hidden = F.gelu(encoder.conv2(F.gelu(encoder.conv1(input_features)))).permute(0, 2, 1)
+        positions = torch.arange(encoder.embed_positions.num_embeddings, device=hidden.device)
+        hidden = hidden + encoder.embed_positions(positions)
+        for layer in encoder.layers[: self.frozen_prefix]:
+            hidden = layer(hidden, None)
+        return hidden
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saved as plain Whisper, the domain rows merged into the embedding."""

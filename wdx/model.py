@@ -110,7 +110,8 @@ def freeze_except(model: WhisperForConditionalGeneration, encoder_layers: int, d
 
     Trains: the last `encoder_layers` encoder blocks (whole blocks); attention (self and
     cross) and MLP of the last `decoder_layers` decoder blocks; the domain-token rows (their
-    own parameter; the embedding and its tied output projection stay put).
+    own parameter; the embedding and its tied output projection stay put). Everything of the
+    encoder below its first trained block is its frozen prefix (`model.frozen_prefix` blocks).
     """
     model.requires_grad_(False)
     encoder, decoder = model.model.encoder, model.model.decoder
@@ -123,6 +124,7 @@ def freeze_except(model: WhisperForConditionalGeneration, encoder_layers: int, d
         groups["decoder_mlp"] += [*block.fc1.parameters(), *block.fc2.parameters()]
     if isinstance(decoder.embed_tokens, DomainEmbedding):
         groups["domain_token_rows"].append(decoder.embed_tokens.domain_rows)
+    model.frozen_prefix = max(0, len(encoder.layers) - encoder_layers)  # where wdx.encoder_cache cuts the encoder
     for params in groups.values():
         for p in params:
             p.requires_grad_(True)
