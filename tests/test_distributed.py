@@ -2,7 +2,9 @@
 
 The reference is one process that sees the same global batch: with 2 loader workers and
 --grad-accum 2, its optimizer step k averages slot 0's and slot 1's k-th batch, exactly
-what two processes with one slot each average through all-reduce.
+what two processes with one slot each average through all-reduce. It reads audio; the DDP
+and ZeRO-2 runs read an fp32 --encoder-cache that their two processes build together
+(ZeRO-3 reads audio: the cache refuses it), so the same comparison proves the cache too.
 """
 
 import json
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_loop
-from tests.test_matrix import check_final, free_port
+from tests.test_matrix import TRAINED, check_final, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -29,7 +31,8 @@ def common(data, model, out, run):
     return ["--dataset-root", data, "--base-model", model, "--output-dir", str(out), "--run-name", run,
             "--max-steps", "4", "--learning-rate", "3e-3", "--warmup-steps", "1", "--logging-steps", "1",
             "--eval-steps", "2", "--save-steps", "2", "--save-total-limit", "5", "--generation-max-length", "6",
-            "--seed", "3", "--mixed-precision", "no"]  # the ZeRO JSONs say bf16: fp32 rows of the matrix
+            "--seed", "3", "--mixed-precision", "no",  # the ZeRO JSONs say bf16: fp32 rows of the matrix
+            "--train-encoder-layers", str(TRAINED), "--train-decoder-layers", str(TRAINED)]
 
 
 def launch(config, *argv, timeout=300):
@@ -59,11 +62,14 @@ def reference(tiny_dataset, tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_two_processes_train_evaluate_save_resume_and_export(kind, reference, tiny_dataset, tiny_model, tmp_path):
+    cache = ["--encoder-cache", str(tmp_path / "cache")] if kind != "zero3" else []
     argv = common(tiny_dataset, tiny_model, tmp_path, "two") + ["--num-workers", "0",
-                                                               "--per-device-train-batch-size", "2"]
+                                                               "--per-device-train-batch-size", "2", *cache]
     done = launch(CONFIGS[kind], *argv)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = tmp_path / "two"
+    if cache:  # each of the 30 clips (24 train, 6 val) encoded once, by one of the two processes
+        assert [r["encoder_cache/clips_built"] for r in records(run) if "encoder_cache/clips_built" in r] == [30]
     # same global batches as one process => same losses (fp32; reduction order differs slightly)
     want, got = losses(reference), losses(run)
     assert sorted(got) == [1, 2, 3, 4]
@@ -84,14 +90,14 @@ def test_two_processes_train_evaluate_save_resume_and_export(kind, reference, ti
     ref_final = load_file(reference / "final" / "model.safetensors")
     key = "model.decoder.layers.3.fc1.weight"
     assert final[key].shape == ref_final[key].shape and torch.allclose(final[key], ref_final[key], atol=1e-3)
-    check_final(run / "final", tiny_model, layers=4)
+    check_final(run / "final", tiny_model, layers=TRAINED)
     # resume from step 2 under the same stage: steps 3 and 4 come out the same
     again = tmp_path / "again"
     (again / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, again / "checkpoints" / ckpt.name)
     argv = common(tiny_dataset, tiny_model, tmp_path, "again") + ["--num-workers", "0",
                                                                  "--per-device-train-batch-size", "2",
-                                                                 "--resume-from-checkpoint", "latest"]
+                                                                 "--resume-from-checkpoint", "latest", *cache]
     resumed = launch(CONFIGS[kind], *argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses(again) == pytest.approx({3: got[3], 4: got[4]}, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Every shipped CPU config x {fp32, bf16}: train, evaluate, save, resume, export; the freeze holds.
+"""The shipped CPU configs in bf16: train, evaluate, save, resume, export; the freeze holds.
 
 bf16 rows here, two runs each. The first is preempted: rank 0 alone gets SIGTERM while it
 evaluates step 2, the last step of epoch 0, where no save is due; the stop is agreed by
@@ -25,8 +25,10 @@ from tests.conftest import speechlike
 
 ROOT = Path(__file__).resolve().parents[1]
 # bf16 on 2-process DDP is left out: it is 1-process autocast (the "cpu" row) in each of the
-# processes test_distributed runs in fp32; nothing in DDP depends on the precision.
-CONFIGS = ["cpu", "cpu_zero2_2proc", "cpu_zero3_2proc"]
+# processes test_distributed runs in fp32; nothing in DDP depends on the precision. bf16 on
+# ZeRO-3 is left out to keep the suite in its time budget: DeepSpeed's bf16 cast and save
+# path is ZeRO-2's (this file), its ZeRO-3 partitioning and export test_distributed's (fp32).
+CONFIGS = ["cpu", "cpu_zero2_2proc"]
 TRAINED = 2  # --train-encoder-layers and --train-decoder-layers of the tiny 4 + 4 layer model
 
 

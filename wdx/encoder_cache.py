@@ -103,8 +103,8 @@ def differences(saved: dict, want: dict) -> list[str]:
                     changed = next((s[0] for s, h in zip(shards, have) if s != h), None)
                     what = f"{name}/{changed} changed" if changed else f"{name} has other shards"
                     out.append(f"--dataset-root ({what})")
-        elif key == "prefix_sha256" and saved.get("dtype") != want["dtype"]:
-            continue  # the weights are hashed as held: another dtype is reported as that
+        elif key == "prefix_sha256" and any(saved.get(k) != want[k] for k in ("dtype", "frozen_blocks")):
+            continue  # the hash covers the prefix as held: another dtype or depth is reported as that
         elif saved.get(key) != want[key]:
             out.append(f"{CAUSES[key]} ({key} {saved.get(key)} -> {want[key]})" if key != "prefix_sha256"
                        else f"{CAUSES[key]}")
