@@ -129,8 +129,8 @@ def test_a_cache_built_for_another_set_up_is_refused_naming_what_differs(runs, t
     shutil.copytree(cache, mine)
 
     def refused(*extra) -> str:
-        assert train_loop.main(argv(tiny_dataset, tiny_model, tmp_path, "x", "--encoder-cache", str(mine), "--overwrite",
-                                    *extra)) == 2
+        run = argv(tiny_dataset, tiny_model, tmp_path, "x", "--encoder-cache", str(mine), "--overwrite", *extra)
+        assert train_loop.main(run) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err
         return err.strip().splitlines()[-1]

@@ -61,7 +61,8 @@ def encoder_input(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class Collator:
-    """Samples -> {audio (or encoder_states), decoder_input_ids, labels, label_positions, label_ids, domain, text, key, ...}."""
+    """Samples -> {audio (or encoder_states), decoder_input_ids, labels, label_positions, label_ids, domain, text,
+    key, ...}."""
 
     def __init__(self, tokenizer, language: str) -> None:
         self.prompts = {d: prompt_ids(tokenizer, language, d) for d in ("normal", "dyslexic")}

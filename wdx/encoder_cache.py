@@ -38,9 +38,9 @@ import webdataset as wds
 
 from .accel import agree, sum_counts, zero_stage
 from .config import ConfigError, TrainConfig
-from .data import Skips, shard_name, decode_sample, pad_audio, read_segments
+from .data import Skips, decode_sample, pad_audio, read_segments, shard_name
 from .evaluation import model_input
-from .features import N_FFT, HOP_LENGTH, SAMPLE_RATE
+from .features import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from .sharding import Segment
 from .shards import Split, is_url
 
@@ -118,7 +118,8 @@ def open_cache(root: Path, want: dict, rebuild: bool) -> None:
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise CacheError(f"--encoder-cache {root}: {FINGERPRINT} unreadable ({exc}); pass --rebuild-encoder-cache")
+            raise CacheError(f"--encoder-cache {root}: {FINGERPRINT} unreadable ({exc}); "
+                             "pass --rebuild-encoder-cache") from None
         differ = differences(saved, want)
         if differ and not rebuild:
             raise CacheError(f"--encoder-cache {root}: built for another set-up: {'; '.join(differ)}; pass "
@@ -199,7 +200,8 @@ class _ShardClips(torch.utils.data.IterableDataset):
 
 
 def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_size: int, workers: int,
-                target_sr: int, default_domain: str | None, dtype: torch.dtype, autocast, device) -> tuple[int, Counter]:
+                target_sr: int, default_domain: str | None, dtype: torch.dtype, autocast,
+                device: torch.device) -> tuple[int, Counter]:
     """Write the cache shards `shards` of `split` into `out_dir`; returns (clips encoded, skips).
 
     Encoding runs on the device while a thread writes the previous batch's states to disk

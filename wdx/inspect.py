@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .data import Skips, _first_arg, shard_name, decode_sample, iter_shard
+from .data import Skips, _first_arg, decode_sample, iter_shard, shard_name
 from .shards import DatasetError, Split, load_split
 
 DEFAULT_SPLITS = ("train", "val_small")

@@ -157,8 +157,9 @@ def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: in
         positions = torch.arange(batch * (5 + text)).reshape(batch, -1)[:, 4:].flatten()
         features = log_mel(torch.zeros(batch, N_SAMPLES), config.num_mel_bins, model.dtype)
         with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None and not deepspeed):
-            loss = token_loss_sum(model, {"input_features": features}, dict(decoder_input_ids=ids, label_positions=positions,
-                                                        label_ids=torch.zeros_like(positions)))
+            loss = token_loss_sum(model, {"input_features": features},
+                                  dict(decoder_input_ids=ids, label_positions=positions,
+                                       label_ids=torch.zeros_like(positions)))
         loss.backward()
         if optimizer is not None:
             optimizer.step()
