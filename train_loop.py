@@ -144,6 +144,8 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
         f" = {batch * world * accum}",
         f"  train samples      {train.split.total} ({train.samples_per_epoch()} per epoch)",
+        *([f"  encoder cache      {cfg.encoder_cache}: steps start above the {whisper.model.frozen_prefix} frozen "
+           f"encoder blocks"] if cfg.encoder_cache else []),
         f"  steps              {steps_per_epoch} per epoch, {total_steps} in total",
         f"  checkpoints        {checkpoint.checkpoints_dir(cfg.run_dir)} (every {cfg.save_steps} steps, "
         f"keep {cfg.save_total_limit} + best)",

@@ -7,8 +7,10 @@ where the weight trains. With this project's freeze that means:
   only; trained blocks forward + both gradients (3x);
 - decoder: the domain-token rows at its input train and the trained encoder blocks below
   need gradients through every cross-attention, so every decoder block runs its input
-  gradients (frozen 2x, trained 3x), and the tied output projection computes its full
-  weight gradient (the mask keeps only two rows afterwards).
+  gradients (frozen 2x, trained 3x); the output projection runs at label positions only,
+  forward and input gradient (2x; its weight gradient is the two domain rows' only).
+With --encoder-cache a step starts from the frozen blocks' output: no conv stem, no frozen
+encoder block (`cache_bound`).
 Attention score and weighting matmuls have no weights: forward + 2 gradients when they
 are on the gradient's path. LayerNorm, softmax, GELU and the loss are left out (<2 %).
 """
@@ -50,6 +52,12 @@ def train_flops_per_sample(config: WhisperConfig, label_tokens: int, encoder_tra
     kv_mult_frozen = 2 if grads_to_encoder else 1
     out["decoder_frozen"] = frozen_dec * (2 * dec["weighted"] + 3 * dec["attention"] + kv_mult_frozen * dec["cross_kv"])
     out["decoder_trained"] = decoder_trained * 3 * (dec["weighted"] + dec["attention"] + dec["cross_kv"])
-    out["output_projection"] = 3 * 2 * length * d * config.vocab_size
+    out["output_projection"] = 2 * 2 * label_tokens * d * config.vocab_size
     out["total"] = sum(out.values())
     return out
+
+
+def cache_bound(config: WhisperConfig, label_tokens: int, encoder_trained: int, decoder_trained: int) -> float:
+    """The most --encoder-cache can speed a step up: its FLOPs from audio / its FLOPs from cached states."""
+    f = train_flops_per_sample(config, label_tokens, encoder_trained, decoder_trained)
+    return f["total"] / (f["total"] - f["conv_stem"] - f["encoder_frozen"])
