@@ -10,8 +10,9 @@ machine's CPU, 5-15 s espeak-ng clips in the wav/flac/mp3/m4a mix:
 Each is trained by `train_loop.py` for 2 epochs from audio, then for 2 epochs with a new
 --encoder-cache (built in the first). An epoch's seconds come from the loop's own
 throughput log (one record per epoch); the build's from metrics.jsonl. The FLOP bound is
-bench.flops.cache_bound at the data's mean transcript length. --smoke: a tiny model and 4
-clips, to check that it runs (CI); its numbers mean nothing. Nothing here asserts a speed.
+bench.flops.cache_bound at the data's mean transcript length. --smoke: a tiny model and the
+clips of `bench.run --smoke` (same --work), to check that it runs (CI); its numbers mean
+nothing. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +66,8 @@ def bench_geometry(name: str, shape: dict, data: Path, work: Path, batch: int, n
     steps = n_train // batch
     audio = epoch_seconds(train(data, model, work / "runs", f"{name}-audio", batch, steps), n_train)
     cache = work / "runs" / f"{name}-cache"
-    rows = train(data, model, work / "runs", f"{name}-cached", batch, steps, "--encoder-cache", str(cache),
-                 "--rebuild-encoder-cache")
+    shutil.rmtree(cache, ignore_errors=True)  # the first cached epoch includes building it
+    rows = train(data, model, work / "runs", f"{name}-cached", batch, steps, "--encoder-cache", str(cache))
     cached = epoch_seconds(rows, n_train)
     (stats,) = [r for r in rows if "encoder_cache/build_seconds" in r]
     bound = cache_bound(config, round(labels), 4, 4)
@@ -92,13 +94,16 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.encoder_cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 4 clips: checks the benchmark runs")
-    parser.add_argument("--work", type=Path, default=REPO / "bench" / ".work" / "encoder_cache")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few clips: checks the benchmark runs")
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / ".work", help="cache for inputs and models")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args(argv)
-    n_train, batch = (4, 2) if args.smoke else (16, 4)
-    work = args.work / ("smoke" if args.smoke else "full")
-    data = make_dataset(work / "data", n_train, n_val=1)
+    from wdx.shards import load_split
+
+    # smoke: bench.run --smoke's clips when they are there (8 + 2)
+    work = args.work / ("smoke" if args.smoke else "encoder_cache")
+    data = make_dataset(work / "data", *((8, 2) if args.smoke else (16, 1)))
+    n_train, batch = load_split(str(data), "train").total, 4
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32",
                "mode": "smoke" if args.smoke else "full", "train_clips": n_train, "batch": batch, "geometries": {}}
     for name, shape in (SMOKE if args.smoke else GEOMETRIES).items():

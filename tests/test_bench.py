@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_bench_smoke_prints_three_tables_and_bench_gpu_runs_on_the_cpu(tmp_path):
+def test_bench_smoke_prints_its_tables_and_bench_gpu_and_encoder_cache_run_on_the_cpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--work", str(tmp_path),
                            "--json", str(tmp_path / "r.json")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -29,6 +29,13 @@ def test_bench_smoke_prints_three_tables_and_bench_gpu_runs_on_the_cpu(tmp_path)
     assert set(results["runs"]) == {"single_gpu"}  # zero2 only on a GPU (same code path, suite time)
     for run in results["runs"].values():
         assert run["precision"] == "bf16" and run["samples_per_s"] > 0 and run["eval_samples_per_s"] > 0
+    # bench.encoder_cache's, on the same clips
+    done = subprocess.run([sys.executable, "-m", "bench.encoder_cache", "--smoke", "--work", str(tmp_path), "--json",
+                           str(tmp_path / "c.json")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (tiny,) = json.loads((tmp_path / "c.json").read_text())["geometries"].values()
+    assert len(tiny["epoch_s_audio"]) == len(tiny["epoch_s_cached"]) == 2 and tiny["clips_built"] == 12  # 8 train + 4 val
+    assert "== encoder cache" in done.stdout and "speed-up" in done.stdout
 
 
 def test_bench_gpu_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
