@@ -6,7 +6,10 @@ Two geometries, random init (speed depends on the shapes, not the weights), the 
 freeze (last 4 encoder blocks, attention + MLP of the last 4 decoder blocks), fp32 on this
 machine's CPU, 5-15 s espeak-ng clips in the wav/flac/mp3/m4a mix:
   base       whisper-base's shapes: d_model 512, 6 + 6 layers (2 frozen encoder blocks)
-  32+32      large-v3's layer counts and 128 mel bins at d_model 256 (28 frozen blocks)
+  32+32      large-v3's layer counts and 128 mel bins at d_model 512 (28 frozen blocks); at
+             d_model 256 attention would be half the encoder's FLOPs (T = 1500 frames vs
+             6 d_model), far more than large-v3's 16 %, and this CPU runs attention's
+             backward well below its matmul rate, so 256 would measure the CPU, not the cache
 Each is trained by `train_loop.py` for 2 epochs from audio, then for 2 epochs with a new
 --encoder-cache (built in the first). An epoch's seconds come from the loop's own
 throughput log (one record per epoch); the build's from metrics.jsonl. The FLOP bound is
@@ -32,7 +35,7 @@ from bench.inputs import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRIES = {"base": dict(n_mels=80, d_model=512, layers=6, heads=8, vocab_size=51865),
-              "32+32": dict(n_mels=128, d_model=256, layers=32, heads=4, vocab_size=51866)}
+              "32+32": dict(n_mels=128, d_model=512, layers=32, heads=8, vocab_size=51866)}
 SMOKE = {"tiny": dict(n_mels=80, d_model=64, layers=6, heads=4)}
 
 
