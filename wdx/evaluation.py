@@ -50,11 +50,12 @@ def generate(model, features: torch.Tensor | None, prompts: torch.Tensor, max_ne
 def model_input(batch: dict, n_mels: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Where the encoder starts: log-mel of the audio, or the cached frozen-prefix states.
 
-    Both in the dtype of the model's weights (fp32 maths first for log-mel; call it outside
-    autocast): under DeepSpeed bf16/fp16 nothing casts the module's inputs.
+    Log-mel in the dtype of the model's weights (fp32 maths first; call it outside autocast):
+    under DeepSpeed bf16/fp16 nothing casts the module's inputs. Cached states go as stored;
+    the model casts them to its residual stream's dtype (DomainWhisper.encode).
     """
     if "encoder_states" in batch:
-        return {"prefix_states": batch["encoder_states"].to(dtype)}
+        return {"prefix_states": batch["encoder_states"]}
     return {"input_features": log_mel(batch["audio"], n_mels, dtype)}
 
 

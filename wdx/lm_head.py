@@ -152,7 +152,9 @@ class DomainWhisper(WhisperForConditionalGeneration):
         if prefix_states is None:
             return self.model.encoder(input_features)
         encoder = self.model.encoder
-        hidden = prefix_states
+        # the residual stream's dtype from audio: the positions' (fp32 under autocast, where the
+        # frozen weights are bf16; bf16 under DeepSpeed's bf16 mode), not the cache's storage dtype
+        hidden = prefix_states.to(encoder.embed_positions.weight.dtype)
         for layer in encoder.layers[self.frozen_prefix:]:
             hidden = layer(hidden, None)
         return BaseModelOutput(last_hidden_state=encoder.layer_norm(hidden))
