@@ -42,7 +42,7 @@ from wdx.domains import DOMAINS
 from wdx.evaluation import evaluate, examples, model_input, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.metrics import format_table
-from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, setup
+from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, frozen_sha256, setup
 from wdx.plan import plan_table, processes
 from wdx.shards import DatasetError, Split, load_split
 from wdx.tracking import MetricsLog, flatten_eval, setup_logging
@@ -108,6 +108,7 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
         raise ConfigError(f"--generation-max-length {cfg.generation_max_length}: the decoder holds "
                           f"{whisper.model.config.max_target_positions} positions, the prompt takes "
                           f"{whisper.model.config.max_target_positions - room}; at most {room}")
+    whisper.frozen_sha256 = frozen_sha256(whisper.model)  # before any cast: the same under every precision
     if cfg.gradient_checkpointing:
         whisper.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.precision() != "no" and not zero_stage(accelerator):  # DeepSpeed casts the whole module itself
@@ -420,7 +421,8 @@ def train(cfg: TrainConfig) -> int:
     if cfg.print_config:
         return 0
 
-    fingerprint = checkpoint.fingerprint(whisper.model, whisper.tokenizer, cfg.base_model)
+    fingerprint = checkpoint.fingerprint(whisper, cfg.base_model, cfg.train_encoder_layers,
+                                         cfg.train_decoder_layers)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
     dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
     n_mels = whisper.model.config.num_mel_bins
@@ -568,22 +570,30 @@ def judge(cfg: TrainConfig, state: checkpoint.TrainState, evaluation: dict, save
     """Track the best evaluation by --metric-for-best-model (lower is better); returns
     (a new best to save, --early-stopping-patience spent).
 
-    Without early stopping only evaluations at a checkpoint's step can be the best (the
-    best checkpoint is kept out of rotation); with it every new best is saved, so that
-    final/ can hold the best weights.
+    As in transformers' EarlyStoppingCallback, any improvement makes a new best, and only
+    --early-stopping-threshold decides whether it also resets the patience: the threshold
+    must never keep a better model out of final/. Without early stopping only evaluations
+    at a checkpoint's step can be the best (the best checkpoint is kept out of rotation);
+    with it every new best is saved, so that final/ can hold the best weights. An
+    evaluation whose metric is not a number (every reference empty once normalised) is
+    neither a best nor a spent patience: it says nothing about the model.
     """
     early = cfg.early_stopping_patience > 0
     if not (saved or early):
         return False, False
     value = {"cer": evaluation["results"]["all"]["cer"], "wer": evaluation["results"]["all"]["wer"],
              "loss": evaluation["loss"]}[cfg.metric_for_best_model]
-    margin = cfg.early_stopping_threshold if early else 0.0
-    improved = math.isfinite(value) and (state.best_metric is None or value < state.best_metric - margin)
+    if not math.isfinite(value):
+        log.warning("step %d: eval %s is %s; not judged (best and early-stopping patience unchanged)", state.step,
+                    cfg.metric_for_best_model, value)
+        return False, False
+    previous = state.best_metric
+    improved = previous is None or value < previous
     if improved:
-        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-        state.best_results = evaluation["results"]
-    elif early:
-        state.evals_without_improvement += 1
+        state.best_metric, state.best_step, state.best_results = value, state.step, evaluation["results"]
+    if early:
+        significant = previous is None or value < previous - cfg.early_stopping_threshold
+        state.evals_without_improvement = 0 if significant else state.evals_without_improvement + 1
     return improved and early, early and state.evals_without_improvement >= cfg.early_stopping_patience
 
 

@@ -38,10 +38,10 @@ def test_a_duplicated_key_skips_only_the_duplicate(tmp_path):
     members = (members_of(a) + members_of(b) + members_of(a)  # `a` comes back later in the shard
                + members_of(c) + [("c.FLAC", c["flac"])]  # two audio members of one sample
                + members_of(d) + members_of(e))
-    write_raw_shard(tmp_path / "data" / "val_small", members, declared=6)
+    write_raw_shard(tmp_path / "data" / "val_small", members, declared=5)  # 5 samples; `a` comes back, not a 6th
     keys, skips = run(str(tmp_path / "data"), split="val_small", train=False, batch=10)
     assert flat(keys) == ["a", "b", "d", "e"]  # main: ["a", "b", "a"], the rest of the shard lost
-    assert skips == {"duplicate_key": 2}
+    assert skips == {"non_adjacent_members": 1, "duplicate_key": 1}
 
 
 def test_a_bom_or_zero_width_characters_are_not_trained_or_scored():
@@ -147,3 +147,63 @@ def test_roots_that_cannot_be_opened_fail_in_one_line():
         load_split("pipe:cat {}/{x}", "train")
     with pytest.raises(DatasetError, match="^foo://x/train/metadata.json: Protocol not known: foo$"):
         load_split("foo://x", "train")
+
+
+# ---- issue 22: inputs that still got through
+
+def test_members_of_a_sample_apart_in_the_tar_shift_nothing_after_them(tmp_path):
+    from wdx.inspect import inspect_split
+
+    a, b, c, d = (make_sample(k, seed=i, seconds=0.5, text="안녕") for i, k in enumerate("abcd"))
+    members = ([m for m in members_of(a) if not m[0].endswith(".txt")] + members_of(b)
+               + [("a.txt", a["txt"])] + members_of(c) + members_of(d))  # a's transcript comes after b
+    write_raw_shard(tmp_path / "data" / "train", members, declared=4)
+    keys, skips = run(str(tmp_path / "data"), batch=1, block=1)  # 4 batches planned: one refilled
+    assert sorted(set(flat(keys))) == ["b", "c", "d"]  # main: c and d never trained (count_mismatch)
+    assert skips == {"no_transcript": 1, "non_adjacent_members": 1}
+    report = inspect_split(load_split(str(tmp_path / "data"), "train"))
+    assert (report.counted_samples, report.usable_samples, report.count_mismatches) == (4, 3, [])
+    assert report.skipped == {"no_transcript": 1, "non_adjacent_members": 1}
+
+
+def test_dotted_keys_and_two_audio_members(tmp_path):
+    a, b, c = (make_sample(k, seed=i, seconds=0.5, text="안녕") for i, k in enumerate(("spk.01.utt", "b", "c")))
+    members = members_of(a) + members_of(b) + [("b.wav", encode_audio_like(b))] + members_of(c)
+    write_raw_shard(tmp_path / "data" / "val_small", members, declared=3)
+    keys, skips = run(str(tmp_path / "data"), split="val_small", train=False, batch=10)
+    assert flat(keys) == ["spk.01.utt", "c"]  # main: key "spk", an unsupported_audio skip and a count mismatch
+    assert skips == {"ambiguous_audio": 1}
+
+
+def encode_audio_like(sample) -> bytes:
+    from tests.conftest import speechlike
+    from wdx.audio import encode_audio
+
+    return encode_audio(speechlike(0.5, 16000, 9), 16000, "wav")
+
+
+def test_too_short_and_constant_audio_are_skipped(tmp_path):
+    import numpy as np
+
+    from wdx.audio import encode_audio
+
+    short = make_sample("short", seconds=0.05, text="안녕하세요")
+    one = {**make_sample("one", text="안녕"), "flac": encode_audio(np.full(1, 0.3, np.float32), 16000, "wav")}
+    one["wav"] = one.pop("flac")
+    dc = {**make_sample("dc", text="안녕"), "flac": encode_audio(np.full(16000, 0.25, np.float32), 16000, "flac")}
+    fast = make_sample("fast", seconds=0.5, text="가" * 40)  # 40 characters in half a second
+    write_split(tmp_path / "data" / "val_small", [short, one, dc, fast, make_sample("ok", seconds=0.5, text="안녕")])
+    keys, skips = run(str(tmp_path / "data"), split="val_small", train=False, batch=10)
+    assert flat(keys) == ["ok"]
+    assert skips == {"too_short": 3, "silent_audio": 1}
+
+
+def test_a_refilled_slot_counts_each_bad_sample_once(tmp_path):
+    # 8 samples, 2 empty transcripts: a pass gives 6, the 4 planned batches of 2 need 8, so the slot
+    # reads its range again; main counted the two bad samples again there (4 instead of 2)
+    samples = good(8, seconds=0.4, text="안녕")
+    for s in samples[:2]:
+        s["txt"] = b" "
+    write_split(tmp_path / "data" / "train", samples)
+    keys, skips = run(str(tmp_path / "data"), batch=2, block=1)
+    assert len(flat(keys)) == 8 and skips == {"empty_transcript": 2}

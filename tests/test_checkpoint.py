@@ -27,12 +27,32 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path):
     ck = tmp_path / "step-0000002"
     ck.mkdir()
     mine = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
-            "num_mel_bins": 80, "tokenizer_size": 10}
+            "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
+            "frozen_sha256": "f00d"}
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "vocab_size": 12, "tokenizer_size": 12}))
     with pytest.raises(checkpoint.CheckpointError, match="for another model or tokenizer .*vocab_size 12 vs 10"):
         checkpoint.check_fingerprint(ck, mine)
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "moved/elsewhere"}))
-    checkpoint.check_fingerprint(ck, mine)  # same architecture and tokenizer: fine
+    checkpoint.check_fingerprint(ck, mine)  # same frozen weights, architecture and tokenizer: fine
+
+
+def test_a_checkpoint_trained_on_other_frozen_weights_or_another_freeze_is_refused(tmp_path):
+    # issue 22.3 / 22.11: another base of the same shape (main: a warning, and final/ a hybrid of two bases)
+    ck = tmp_path / "step-0000002"
+    ck.mkdir()
+    mine = {"base_model": "b", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
+            "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
+            "frozen_sha256": "f00d"}
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "a", "frozen_sha256": "beef"}))
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_fingerprint(ck, mine)
+    assert str(err.value) == (f"{ck}: trained on the frozen weights of --base-model a; those of --base-model b "
+                              "differ, and final/ would join the two. Use --base-model a and the same "
+                              "--train-encoder-layers / --train-decoder-layers")
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "train_encoder_layers": 2}))
+    with pytest.raises(checkpoint.CheckpointError, match="trained with --train-encoder-layers 2, this run has 1; "
+                                                          "resume with --train-encoder-layers 2"):
+        checkpoint.check_fingerprint(ck, mine)
 
 
 def test_train_state_round_trips_as_json(tmp_path):

@@ -180,24 +180,34 @@ def test_persistent_workers_see_each_new_epoch(tiny_dataset, tiny_model, tmp_pat
     assert losses(tmp_path / "kept") == pytest.approx(losses(tmp_path / "fresh"), abs=1e-6)
 
 
-def test_early_stopping_saves_stops_and_final_holds_the_best_weights(tiny_dataset, tiny_model, tmp_path, capfd):
-    # no evaluation can beat the first by more than 100: best = step 1, patience 2 -> stop at step 3
+def test_early_stopping_saves_stops_and_final_holds_the_best_weights(tiny_dataset, tiny_model, tmp_path, capfd,
+                                                                     monkeypatch):
+    # scripted eval losses 1.0, 0.5, 0.49, 0.6: step 3 is the best (by 0.01, below the 0.05 threshold, so the
+    # patience is not reset by it), patience 2 -> stop at step 4; final/ holds step 3's weights
     from safetensors.torch import load_file
 
+    scripted, run_eval = iter([1.0, 0.5, 0.49, 0.6]), train_loop.run_eval
+
+    def scripted_eval(*a, **kw):
+        out = run_eval(*a, **kw)
+        out["loss"] = next(scripted)
+        return out
+
+    monkeypatch.setattr(train_loop, "run_eval", scripted_eval)
     extra = ["--eval-steps", "1", "--save-steps", "100", "--max-steps", "8", "--num-workers", "0",
              "--generation-max-length", "2", "--metric-for-best-model", "loss", "--early-stopping-patience", "2",
-             "--early-stopping-threshold", "100"]
+             "--early-stopping-threshold", "0.05"]
     assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "r", *extra)) == 0
     log = "".join(capfd.readouterr())
     run = tmp_path / "r"
-    assert sorted(evals(run)) == [1, 2, 3]  # stopped after the third evaluation
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001", "step-0000003"]
-    state = json.loads((run / "checkpoints" / "step-0000003" / "train_state.json").read_text())
-    assert (state["best_step"], state["evals_without_improvement"]) == (1, 2)
-    assert "early stopping at step 3: 2 evaluations without loss improving by more than 100" in log
-    assert "final/ gets the weights of step 1, the best by eval loss" in log
+    assert sorted(evals(run)) == [1, 2, 3, 4]  # stopped after the fourth evaluation
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+    state = json.loads((run / "checkpoints" / "step-0000004" / "train_state.json").read_text())
+    assert (state["best_step"], state["best_metric"], state["evals_without_improvement"]) == (3, 0.49, 2)
+    assert "early stopping at step 4: 2 evaluations without loss improving by more than 0.05" in log
+    assert "final/ gets the weights of step 3, the best by eval loss" in log
     final = load_file(run / "final" / "model.safetensors")
-    best, last = (load_file(run / "checkpoints" / f"step-000000{s}" / "model.safetensors") for s in (1, 3))
+    best, last = (load_file(run / "checkpoints" / f"step-000000{s}" / "model.safetensors") for s in (3, 4))
     name = f"model.decoder.layers.{3}.fc1.weight"  # a trained tensor
     assert torch.equal(final[name], best[name]) and not torch.equal(final[name], last[name])
-    assert "weights of step 1, the best evaluation by loss" in (run / "final" / "README.md").read_text()
+    assert "weights of step 3, the best evaluation by loss" in (run / "final" / "README.md").read_text()

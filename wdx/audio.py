@@ -60,6 +60,22 @@ def to_mono(frames: np.ndarray) -> np.ndarray:
     return frames[0] if frames.shape[0] == 1 else frames.mean(axis=0, dtype=np.float32)
 
 
+SILENCE_PEAK = 1e-4  # -80 dBFS: a transcript paired with digital silence is a labelling error
+
+
+def unusable(wave: np.ndarray) -> str | None:
+    """Why a mono clip holds no speech to learn from or transcribe ("reason: detail"), or None.
+
+    Non-finite samples would turn the log-mel into NaN; a clip whose every sample is within
+    -80 dBFS of its mean is digital silence, a constant (DC) offset included.
+    """
+    if not np.isfinite(wave).all():
+        return "nonfinite_audio: NaN or inf samples"
+    if wave.size == 0 or np.abs(wave - wave.mean()).max() < SILENCE_PEAK:
+        return "silent_audio: no signal above -80 dBFS (digital silence or a constant offset)"
+    return None
+
+
 @functools.lru_cache(maxsize=32)
 def _resampler(orig_sr: int, new_sr: int) -> torchaudio.transforms.Resample:
     # Building the sinc kernel costs more than applying it to a short clip, so it is

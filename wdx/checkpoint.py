@@ -138,6 +138,11 @@ def load(accelerator, path: Path) -> None:
         log.debug("load_state failed", exc_info=True)
         raise CheckpointError(f"{path}: cannot be loaded ({str(exc).splitlines()[0][:200]}); "
                               "resume from an older checkpoint") from None
+    # load_state restores Accelerate's micro-batch counter, and `sync_gradients` is that counter
+    # modulo the *current* --grad-accum: after a resume with another accumulation, optimizer.step()
+    # and zero_grad() would be no-ops until it lines up again, which may be never. Every saved
+    # step ended on a whole optimizer step, so the counter restarts at 0.
+    accelerator.step = 0
 
 
 def verify(path: str | Path) -> str | None:
@@ -243,28 +248,52 @@ def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:
     return removed
 
 
-def fingerprint(model, tokenizer, base_model: str) -> dict:
-    """What must match for a checkpoint to fit this run's model and tokenizer."""
-    c = model.config
-    return {"base_model": base_model, "vocab_size": model.get_input_embeddings().weight.shape[0],
+FREEZE_FLAGS = {"train_encoder_layers": "--train-encoder-layers", "train_decoder_layers": "--train-decoder-layers"}
+
+
+def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decoder_layers: int) -> dict:
+    """What must match for a checkpoint to fit this run's model, tokenizer and freeze (a wdx.model.Whisper)."""
+    c = whisper.model.config
+    return {"base_model": base_model, "vocab_size": whisper.model.get_input_embeddings().weight.shape[0],
             "d_model": c.d_model, "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers,
-            "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(tokenizer), "domain_rows": DOMAIN_ROWS}
+            "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(whisper.tokenizer), "domain_rows": DOMAIN_ROWS,
+            "train_encoder_layers": train_encoder_layers, "train_decoder_layers": train_decoder_layers,
+            "frozen_sha256": whisper.frozen_sha256}
 
 
 def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
-    """Refuse a checkpoint written for another model or tokenizer (a moved base model is fine)."""
+    """Refuse a checkpoint written for another model, tokenizer or set of frozen weights (a
+    moved base model with the same weights is fine).
+
+    final/ is built from the base's frozen weights plus the checkpoint's trained ones: a
+    checkpoint trained on another base's frozen weights (or with another freeze) would give a
+    final/ that was never trained nor evaluated.
+    """
     path = Path(checkpoint) / FINGERPRINT_FILE
     if not path.exists():
         raise CheckpointError(f"{checkpoint}: no {FINGERPRINT_FILE}; not a checkpoint written by train_loop.py")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: {FINGERPRINT_FILE} is unreadable ({exc})") from None
     if saved.get("domain_rows") != current.get("domain_rows"):
         raise CheckpointError(f"{checkpoint}: written by an older version of this trainer, whose domain-token rows "
                               "trained inside the embedding; resume or --export it with the version that wrote it")
-    differ = [k for k in current if k != "base_model" and saved.get(k) != current[k]]
+    for key, flag in FREEZE_FLAGS.items():  # older checkpoints do not record the freeze
+        if saved.get(key, current[key]) != current[key]:
+            raise CheckpointError(f"{checkpoint}: trained with {flag} {saved[key]}, this run has {current[key]}; "
+                                  f"resume with {flag} {saved[key]} (or start a new run from an exported final/)")
+    differ = [k for k in current if k not in ("base_model", "frozen_sha256", *FREEZE_FLAGS)
+              and saved.get(k) != current[k]]
     if differ:
         details = ", ".join(f"{k} {saved.get(k)} vs {current[k]}" for k in differ)
-        raise CheckpointError(f"--resume-from-checkpoint {checkpoint}: written for another model or tokenizer "
+        raise CheckpointError(f"{checkpoint}: written for another model or tokenizer "
                               f"({saved.get('base_model')}; {details})")
+    if saved.get("frozen_sha256") not in (None, current["frozen_sha256"]):
+        raise CheckpointError(f"{checkpoint}: trained on the frozen weights of --base-model {saved['base_model']}; "
+                              f"those of --base-model {current['base_model']} differ, and final/ would join the two. "
+                              f"Use --base-model {saved['base_model']} and the same --train-encoder-layers / "
+                              "--train-decoder-layers")
     if saved["base_model"] != current["base_model"]:
-        log.warning("%s was written with --base-model %s; resuming with %s (same architecture and tokenizer)",
+        log.warning("%s was written with --base-model %s; resuming with %s (the same frozen weights)",
                     checkpoint, saved["base_model"], current["base_model"])

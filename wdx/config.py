@@ -102,8 +102,9 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations in a row without improving "
                                           "--metric-for-best-model (0: never); final/ then holds the best checkpoint's "
                                           "weights", group="checkpoints")
-    early_stopping_threshold: float = opt(0.0, "an evaluation improves on the best only by more than this "
-                                               "(absolute)", group="checkpoints")
+    early_stopping_threshold: float = opt(0.0, "an evaluation resets the early-stopping patience only when it beats "
+                                               "the best by more than this (absolute); any improvement is still "
+                                               "the new best", group="checkpoints")
     run_name: str | None = opt(None, "name of this run: outputs go to OUTPUT_DIR/RUN_NAME", group="checkpoints")
     output_dir: str = opt("outputs", "parent directory of run directories", group="checkpoints")
     overwrite: bool = opt(False, "reuse a run directory that holds another run", group="checkpoints")
@@ -167,7 +168,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("max_steps", "samples_per_shard", "max_eval_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("num_workers", "warmup_steps", "train_encoder_layers", "train_decoder_layers", "num_examples"):
+    for name in ("num_workers", "warmup_steps", "train_encoder_layers", "train_decoder_layers", "num_examples",
+                 "early_stopping_patience", "early_stopping_threshold"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{flag(name)}: must be >= 0 (got {getattr(cfg, name)})")
     if cfg.bf16 and cfg.fp16:

@@ -27,12 +27,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, tar_file_expander
 
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
 from .domains import DOMAINS
 from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
 from .shards import DatasetError, Split, open_url
@@ -41,7 +40,8 @@ from .text import normalize_text
 log = logging.getLogger(__name__)
 
 MAX_SECONDS = 30.0  # Whisper's encoder sees exactly 30 s; longer audio cannot be trained on
-SILENCE_PEAK = 1e-4  # -80 dBFS: a transcript paired with digital silence is a labelling error
+MIN_SECONDS = 0.1  # shorter audio cannot hold a spoken word
+MAX_CHARS_PER_SECOND = 25  # 3x fast Korean speech: more characters than this per second cannot be in the audio
 SKIP_LOG_LIMIT = 20  # per reason and process: the first few are logged with shard and key
 
 
@@ -56,19 +56,21 @@ class Skips:
         self.counts: Counter[str] = Counter()
         self.give_up_after, self.in_a_row = give_up_after, 0
 
-    def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
-        self.counts[reason] += 1
+    def skip(self, reason: str, shard: str, key: str, detail: str = "", counted: bool = True) -> None:
+        """`counted=False`: a sample read again to refill a slot's batches, already counted this epoch."""
+        if counted:
+            self.counts[reason] += 1
         self.in_a_row += 1
-        if self.counts[reason] <= SKIP_LOG_LIMIT:
+        if counted and self.counts[reason] <= SKIP_LOG_LIMIT:
             log.warning("skipped %s/%s: %s%s", shard, key, reason, f" ({detail})" if detail else "")
         if self.give_up_after is not None and self.in_a_row > self.give_up_after:
             raise DatasetError(f"{shard}/{key}: {self.in_a_row} samples in a row unusable "
                                f"(last: {reason}); see the skip log above")
 
-    def record(self, verdict: str, shard: str, key: str) -> None:
+    def record(self, verdict: str, shard: str, key: str, counted: bool = True) -> None:
         """Skip with a stage's verdict, written "reason: detail"."""
         reason, _, detail = verdict.partition(":")
-        self.skip(reason, shard, key, detail.strip())
+        self.skip(reason, shard, key, detail.strip(), counted)
 
     def passed(self) -> None:
         """A sample made it through every skipping stage."""
@@ -78,6 +80,19 @@ class Skips:
         """Counts since the last call (attached to each batch)."""
         out, self.counts = dict(self.counts), Counter()
         return out
+
+
+class Recount:
+    """A `Skips` for a refill pass: the same give-up rule, no second count of what the first pass counted."""
+
+    def __init__(self, skips: Skips) -> None:
+        self.skips = skips
+
+    def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
+        self.skips.skip(reason, shard, key, detail, counted=False)
+
+    def record(self, verdict: str, shard: str, key: str) -> None:
+        self.skips.record(verdict, shard, key, counted=False)
 
 
 @dataclass(frozen=True)
@@ -103,18 +118,36 @@ def iter_shard(url: str) -> Iterator[dict]:
         stream.close()
 
 
+MEMBER_TYPES = {*AUDIO_EXTENSIONS, "txt", "json", "domain", "states", "skip"}  # what a sample's members are
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """A tar member name -> (sample key, extension).
+
+    webdataset cuts at the first dot of the file name, which makes `spk.01.utt.wav` the key
+    `spk` with extension `01.utt.wav`; here a name whose last extension is one of this
+    format's member types is cut at its last dot instead (key `spk.01.utt`).
+    """
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and "/" not in ext and ext.lower() in MEMBER_TYPES:
+        return stem, ext
+    return base_plus_ext(name)
+
+
 def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
     """Tar members -> samples, as webdataset's group_by_keys does, except for duplicates.
 
     group_by_keys raises on a sample with two members of one extension (`a.wav` + `a.WAV`),
-    which ends the shard: every later sample would be lost. Here such a sample, and a key
-    that comes back later in the shard, is marked `__skip__` and counted as one skip, and
-    the shard goes on. Keys keep their plan positions, so nothing after them shifts.
+    which ends the shard: every later sample would be lost. Here such a sample is marked
+    `__skip__` and counted as one skip, and the shard goes on. Members of a key that comes
+    back after other samples (members not adjacent in the tar) form an `__extra__` record:
+    it takes no sample position (metadata.json counts samples, not runs of members), so
+    nothing after it shifts, and it is counted as the skip `non_adjacent_members`.
     """
     seen: set[str] = set()
     current: dict | None = None
     for member in files:
-        key, ext = base_plus_ext(member["fname"])
+        key, ext = split_member_name(member["fname"])
         if key is None:
             continue  # a member without an extension (e.g. a directory entry)
         ext = ext.lower()
@@ -123,7 +156,9 @@ def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
                 yield current
             current = {"__key__": key, "__url__": url}
             if key in seen:
-                current["__skip__"] = "duplicate_key: this key occurs earlier in the shard"
+                current["__extra__"] = True
+                current["__skip__"] = ("non_adjacent_members: more members of this key after other samples "
+                                       "(its sample was read without them); write each sample's members together")
             seen.add(key)
         if ext in current:
             current["__skip__"] = f"duplicate_key: two .{ext} members"
@@ -156,8 +191,10 @@ def read_slot(split: Split, segments: list, length: int, first: int, skips: Skip
     for n_pass in range(first // period, 2**62 if repeat else 1):
         base = n_pass * period
         start = max(0, first - base)
-        streams = [((base + t * lanes + j, sample) for t, sample in
-                    read_segments(split, part, max(0, -(-(start - j) // lanes)), skips))
+        # a pass after the first refills a slot that lost samples: what it skips was counted this epoch
+        pass_skips = skips if n_pass == 0 else Recount(skips)
+        streams = [((base + t * lanes + j, _mark(sample, n_pass)) for t, sample in
+                    read_segments(split, part, max(0, -(-(start - j) // lanes)), pass_skips))
                    for j, part in enumerate(parts)]
         yielded = 0
         for index, sample in heapq.merge(*streams, key=lambda item: item[0]):
@@ -166,6 +203,12 @@ def read_slot(split: Split, segments: list, length: int, first: int, skips: Skip
         if yielded == 0 and n_pass > first // period:
             raise DatasetError(f"{split.name}: a slot's shards yielded no samples at all "
                                f"({', '.join(shard_name(split.urls[s.shard]) for s in segments)})")
+
+
+def _mark(sample: dict, n_pass: int) -> dict:
+    if n_pass:
+        sample["__refill__"] = True
+    return sample
 
 
 def cut_segments(segments: list, lo: int, hi: int) -> list:
@@ -184,9 +227,14 @@ def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Ite
         if seg_base + (seg.stop - seg.start) <= first:
             continue  # whole segment before the resume point: not even opened
         url, declared = split.urls[seg.shard], split.counts[seg.shard]
-        seen = 0
+        seen, i = 0, -1
         try:
-            for i, sample in enumerate(iter_shard(url)):
+            for sample in iter_shard(url):
+                if "__extra__" in sample:  # belongs to sample i: counted where sample i is read
+                    if seg.start <= i < seg.stop and seg_base + i - seg.start >= first:
+                        skips.record(sample["__skip__"], shard_name(url), sample["__key__"])
+                    continue
+                i += 1
                 if i >= seg.stop:
                     if seg.stop == declared:
                         skips.skip("count_mismatch", shard_name(url), sample["__key__"],
@@ -265,9 +313,9 @@ def decode(src: Iterable[tuple[tuple[int, int], dict]], decode_one: Callable[[di
         shard, key = shard_name(raw.get("__url__", "?")), raw["__key__"]
         result = decode_one(raw)
         if isinstance(result, str):
-            skips.record(result, shard, key)
+            skips.record(result, shard, key, counted="__refill__" not in raw)
             continue
-        result.update(key=key, shard=shard, pos=pos)
+        result.update(key=key, shard=shard, pos=pos, refill="__refill__" in raw)
         yield result
 
 
@@ -279,7 +327,10 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     """
     if "__skip__" in raw:
         return raw["__skip__"]
-    ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
+    audio = [e for e in AUDIO_EXTENSIONS if e in raw]
+    if len(audio) > 1:
+        return f"ambiguous_audio: .{' and .'.join(audio)} members; which one the transcript belongs to is unknown"
+    ext = audio[0] if audio else None
     if ext is None:
         members = [k for k in raw if not k.startswith("__") and k not in ("txt", "json", "domain")]
         return (f"unsupported_audio: .{', .'.join(members)} (expected {', '.join(AUDIO_EXTENSIONS)})" if members
@@ -306,11 +357,13 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     duration = frames.shape[1] / rate
     if duration > MAX_SECONDS:
         return f"too_long: {duration:.1f} s"
+    chars = len(text.replace(" ", ""))
+    if duration < max(MIN_SECONDS, chars / MAX_CHARS_PER_SECOND):
+        return f"too_short: {duration:.3f} s of audio for {chars} characters"
     wave = to_mono(frames)
-    if not np.isfinite(wave).all():
-        return "nonfinite_audio: NaN or inf samples"
-    if np.abs(wave).max() < SILENCE_PEAK:
-        return "silent_audio: peak below -80 dBFS"
+    problem = unusable(wave)
+    if problem:
+        return problem
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
                 channels=frames.shape[0])
@@ -385,7 +438,7 @@ def tokenize(src: Iterable[dict], encode_text: Callable[[str], list[int] | str] 
         if encode_text is not None:
             ids = encode_text(sample["text"])
             if isinstance(ids, str):
-                skips.record(ids, sample["shard"], sample["key"])
+                skips.record(ids, sample["shard"], sample["key"], counted=not sample.get("refill"))
                 continue
             sample["ids"] = ids
         skips.passed()

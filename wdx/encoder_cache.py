@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from .config import ConfigError, TrainConfig
 from .data import Skips, decode_sample, pad_audio, read_segments, shard_name
 from .evaluation import model_input
 from .features import HOP_LENGTH, N_FFT, SAMPLE_RATE
+from .model import tensors_sha256
 from .sharding import Segment
 from .shards import Split, is_url
 
@@ -63,12 +63,8 @@ class CacheError(ConfigError):
 def prefix_sha256(model) -> str:
     """A hash of every weight the cached states depend on, as held (dtype included)."""
     encoder = model.model.encoder
-    digest = hashlib.sha256()
-    for module in (encoder.conv1, encoder.conv2, encoder.embed_positions, *encoder.layers[: model.frozen_prefix]):
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    modules = (encoder.conv1, encoder.conv2, encoder.embed_positions, *encoder.layers[: model.frozen_prefix])
+    return tensors_sha256(item for module in modules for item in module.state_dict().items())
 
 
 def shard_list(split: Split) -> list[list]:

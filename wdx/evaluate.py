@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono
+from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
 from .data import ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
@@ -53,7 +53,11 @@ def read_clip(path: Path, target_sr: int = 16000):
         raise InputError(f"{path}: {exc}") from None
     if frames.shape[1] == 0:
         raise InputError(f"{path}: no audio")
-    return resample(to_mono(frames), rate, target_sr)
+    wave = to_mono(frames)
+    problem = unusable(wave)  # training skips such clips; a transcript of them would be noise
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    return resample(wave, rate, target_sr)
 
 
 def read_text(path: Path) -> str:

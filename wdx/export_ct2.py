@@ -40,6 +40,22 @@ def check_source(final: Path) -> None:
             raise ExportError(f"{final}: no {name}; CTranslate2 and faster-whisper need it next to the weights")
 
 
+def check_target(final: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT whose replacement (ctranslate2 deletes OUT under --force) would delete the
+    model being exported, its run, or anything that is not an earlier export."""
+    src, dst = final.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ExportError(f"{out}: is or holds {final} (or lies inside it); choose an output directory outside the "
+                          "model and its run directory")
+    if not out.exists():
+        return
+    if not force:
+        raise ExportError(f"{out}: exists; pass --force to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "model.bin").is_file()):
+        raise ExportError(f"{out}: holds files but no CTranslate2 model.bin; --force only replaces an earlier "
+                          "export, never other files")
+
+
 def domain_prompts(final: Path, language: str) -> dict:
     """{domain: {"tokens": [...], "ids": [...]}} for the prompt the model was trained with."""
     from transformers import AutoTokenizer
@@ -57,9 +73,8 @@ def domain_prompts(final: Path, language: str) -> dict:
 def export(final: Path, out: Path, quantization: str = "float32", language: str = "ko", force: bool = False) -> Path:
     """Convert `final` into `out`; returns `out`."""
     check_source(final)
+    check_target(final, out, force)
     prompts = domain_prompts(final, language)
-    if out.exists() and not force:
-        raise ExportError(f"{out}: exists; pass --force to replace it")
     from ctranslate2.converters import TransformersConverter
 
     TransformersConverter(str(final), copy_files=list(COPIED)).convert(str(out), quantization=quantization,

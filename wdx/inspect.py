@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from .data import Skips, _first_arg, decode_sample, iter_shard, shard_name
+from .model import ModelLoadError
 from .shards import DatasetError, Split, load_split
 
 DEFAULT_SPLITS = ("train", "val_small")
@@ -40,8 +41,9 @@ class SplitReport:
     count_mismatches: list = field(default_factory=list)  # (shard, metadata, counted)
 
 
-def inspect_split(split: Split, default_domain: str | None = None) -> SplitReport:
-    """Read every sample of `split` the way the trainer does (no resampling)."""
+def inspect_split(split: Split, default_domain: str | None = None, encode_text=None) -> SplitReport:
+    """Read every sample of `split` the way the trainer does (no resampling). `encode_text`
+    (collate.make_text_encoder of --base-model's tokenizer) also checks transcript lengths."""
     report = SplitReport(split.name, len(split.urls), split.total)
     skips = Skips()
     with tqdm(total=split.total, desc=split.name, unit="sample", leave=False) as bar:
@@ -49,9 +51,10 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
             counted = 0
             try:
                 for raw in iter_shard(url):
-                    counted += 1
-                    bar.update()
-                    _add(report, skips, raw, split, default_domain)
+                    if "__extra__" not in raw:  # members of an earlier key: not a sample of their own
+                        counted += 1
+                        bar.update()
+                    _add(report, skips, raw, split, default_domain, encode_text)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 skips.skip("corrupt_shard", shard_name(url), "-", _first_arg(exc))
             report.counted_samples += counted
@@ -61,8 +64,12 @@ def inspect_split(split: Split, default_domain: str | None = None) -> SplitRepor
     return report
 
 
-def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None) -> None:
+def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None,
+         encode_text) -> None:
     sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain)
+    if not isinstance(sample, str) and encode_text is not None:
+        ids = encode_text(sample["text"])
+        sample = ids if isinstance(ids, str) else sample
     if isinstance(sample, str):
         skips.record(sample, shard_name(raw.get("__url__", "?")), raw["__key__"])
         return
@@ -72,6 +79,21 @@ def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_dom
     report.formats[sample["format"]] += 1
     report.sample_rates[sample["sample_rate"]] += 1
     report.channels[sample["channels"]] += 1
+
+
+def text_encoder(base_model: str):
+    """Training's transcript check (label ids, or the skip verdict) with --base-model's tokenizer."""
+    from transformers import AutoTokenizer, WhisperConfig
+
+    from .collate import make_text_encoder
+
+    try:
+        positions = WhisperConfig.from_pretrained(base_model).max_target_positions
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"--base-model {base_model}: cannot load its tokenizer ({str(exc).splitlines()[0]})"
+                             ) from None
+    return make_text_encoder(tokenizer, positions)
 
 
 def format_report(r: SplitReport) -> str:
@@ -99,15 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=list(DEFAULT_SPLITS))
     parser.add_argument("--samples-per-shard", type=int, help="count to assume where metadata.json is missing")
     parser.add_argument("--default-domain", help="domain for samples that name none")
+    parser.add_argument("--base-model", help="also skip transcripts longer than this model's decoder holds, as "
+                        "training does (its tokenizer decides; without it transcript lengths are not checked)")
     parser.add_argument("--json", help="also write the reports here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # skips are in the table
     reports = []
     try:
+        encode_text = text_encoder(args.base_model) if args.base_model else None
+        if encode_text is None:
+            print("transcript lengths: not checked (pass --base-model to count those the decoder cannot hold)")
         for name in args.splits:
-            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard), args.default_domain))
+            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard), args.default_domain,
+                                         encode_text))
             print(format_report(reports[-1]), flush=True)
-    except DatasetError as exc:
+    except (DatasetError, ModelLoadError) as exc:
         print(f"wdx.inspect: error: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -16,7 +16,9 @@ masters; the model is loaded in fp32 and only frozen weights are narrowed (`cast
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,21 @@ class Whisper:
     feature_extractor: WhisperFeatureExtractor
     domain_token_ids: dict[str, int]
     new_token_rows: list[int]
+    frozen_sha256: str = ""  # of the frozen weights as loaded (fp32); set by the loop before any cast
+
+
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of tensors' names and bytes, as held (dtype included)."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy())  # a buffer: no copy
+    return digest.hexdigest()
+
+
+def frozen_sha256(model: torch.nn.Module) -> str:
+    """The frozen weights' hash: what a checkpoint's trained tensors were trained on top of."""
+    return tensors_sha256((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
 def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditionalGeneration, object,
