@@ -163,3 +163,54 @@ def test_in_loop_eval_runs_the_encoder_once_per_batch_and_compares_domain_tokens
                for r in out["rows"])
     assert {d: out["prompts"][d]["n"] for d in ("normal", "dyslexic")} == {"normal": 3, "dyslexic": 3}
     assert set(out["prompts"]["normal"]) == {"prompt_normal", "prompt_dyslexic", "n", "changed"}
+
+
+def test_nonfinite_and_silent_audio_are_refused_by_the_tools_as_training_skips_them(tiny_final, tmp_path, capsys):
+    # issue 22.7: main transcribed NaN audio as "!!!!!!!!" and digital silence without a word
+    import numpy as np
+
+    nan = tmp_path / "nan.wav"
+    wave = speechlike(1.0, 16000)
+    wave[100] = np.nan
+    import soundfile as sf
+
+    sf.write(nan, wave, 16000, subtype="FLOAT")
+    silent = tmp_path / "silent.wav"
+    silent.write_bytes(encode_audio(np.zeros(16000, np.float32), 16000, "wav"))
+    assert transcribe.main([tiny_final, str(nan), str(silent), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"wdx.transcribe: skipped {nan}: nonfinite_audio: NaN or inf samples" in err
+    assert f"wdx.transcribe: skipped {silent}: silent_audio: no signal above -80 dBFS" in err
+
+
+def test_compare_pairs_rows_by_shard_and_key_and_refuses_repeated_ids(tmp_path, capsys):
+    rows = [dict(key="k", id=f"shard_{i}.tar/k", domain="normal", ref="가나다라", hyp="가나다라") for i in range(2)]
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"samples": rows}))
+    assert evaluate.main(["--compare", str(same), str(same)]) == 0
+    assert "within noise" in capsys.readouterr().out  # main paired by key: "a real difference" between equal files
+    old = tmp_path / "old.json"  # an output of the version before ids: keys repeat
+    old.write_text(json.dumps({"samples": [{k: v for k, v in r.items() if k != "id"} for r in rows]}))
+    assert evaluate.main(["--compare", str(old), str(old)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"wdx.evaluate: error: --compare {old}: 1 sample ids occur more than once (first: 'k', 2 times); rows are "
+        "paired by id, so each must be unique (evaluate again with this version, which writes shard/key ids)")
+
+
+def test_a_truncated_model_directory_is_one_line_for_every_tool(tiny_final, tmp_path, capsys):
+    # issue 22.9: main printed tracebacks from transformers / safetensors
+    import shutil
+
+    from wdx import export_ct2
+
+    (path,) = clips(tmp_path, 1)
+    for damaged in ("config.json", "model.safetensors"):
+        bad = shutil.copytree(tiny_final, tmp_path / f"bad-{damaged}")
+        data = (bad / damaged).read_bytes()
+        (bad / damaged).write_bytes(data[: len(data) // 2])
+        assert transcribe.main([str(bad), str(path)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"wdx.transcribe: error: {bad}: cannot load the model") and "\n" not in err, err
+        assert export_ct2.main([str(bad), str(tmp_path / "ct2")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("wdx.export_ct2: error: ") and "\n" not in err, err

@@ -95,3 +95,25 @@ def test_the_transformers_pipeline_decodes_with_the_domain_prompt_as_wdx_does(va
                                                                                    "max_new_tokens": 40})["text"]
         assert texts[d].strip() == ours([audio], [d])[0]
     assert texts["normal"] != texts["dyslexic"]
+
+
+def test_export_never_deletes_the_model_its_run_or_other_files(varied_final, tmp_path, capsys):
+    # issue 22.5: main's `export_ct2 RUN/final RUN/final --force` deleted the trained model, then failed
+    import shutil
+
+    run = tmp_path / "run"
+    final = shutil.copytree(varied_final, run / "final")
+    (run / "checkpoints").mkdir()
+    for out in (final, run, tmp_path):
+        assert export_ct2.main([str(final), str(out), "--force"]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"wdx.export_ct2: error: {out}: is or holds {final} (or lies inside it); choose an output directory "
+            "outside the model and its run directory")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    assert export_ct2.main([str(final), str(other), "--force"]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.export_ct2: error: {other}: holds files but no CTranslate2 "
+                                               "model.bin; --force only replaces an earlier export, never other files")
+    assert (final / "model.safetensors").is_file() and (run / "checkpoints").is_dir()
+    assert (other / "thesis.tex").exists()

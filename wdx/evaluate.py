@@ -29,7 +29,7 @@ from .data import ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
-from .metrics import by_domain, cer, compare, format_comparison, format_table, prompt_table
+from .metrics import by_domain, cer, compare, format_comparison, format_table, prompt_table, row_id
 from .shards import DatasetError, load_split
 from .text import normalize_text
 from .tracking import quiet_libraries
@@ -168,7 +168,10 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
             else:
                 hyps = transcribe_long(transcriber, clips, [s["domain"] for s in samples], batch_size)
             for i, s in enumerate(samples):
-                row = dict(key=s["key"], domain=s["domain"], ref=s["text"], hyp=hyps[i],
+                # `id` pairs rows in --compare: a key may repeat across shards (or list entries), a file or
+                # a shard member may not
+                uid = str(s["path"]) if "path" in s else f"{s['shard']}/{s['key']}"
+                row = dict(key=s["key"], id=uid, domain=s["domain"], ref=s["text"], hyp=hyps[i],
                            cer=cer([s["text"]], [hyps[i]]))
                 if compare:
                     row["hyp_by_prompt"] = {d: extra[d][i] for d in DOMAINS}
@@ -183,10 +186,17 @@ def compare_main(paths: list[Path], out: Path | None) -> int:
         runs = []
         for path in paths:
             try:
-                runs.append(json.loads(path.read_text())["samples"])
+                rows = json.loads(path.read_text())["samples"]
+                ids = Counter(row_id(r) for r in rows)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise InputError(f"--compare {path}: not a wdx.evaluate --json output ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+            twice = [k for k, n in ids.items() if n > 1]
+            if twice:
+                raise InputError(f"--compare {path}: {len(twice)} sample ids occur more than once (first: "
+                                 f"{twice[0]!r}, {ids[twice[0]]} times); rows are paired by id, so each must be "
+                                 "unique (evaluate again with this version, which writes shard/key ids)")
+            runs.append(rows)
         check_output(out)
     except (InputError, OSError) as exc:
         print(f"wdx.evaluate: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .collate import prompt_ids
 from .domains import DOMAIN_TOKENS, DOMAINS
+from .inference import check_model_files
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "float16", "float32")
 PROMPTS_FILE = "domain_prompts.json"
@@ -32,6 +33,10 @@ def check_source(final: Path) -> None:
     config = final / "config.json"
     if not config.is_file():
         raise ExportError(f"{final}: no config.json; not a model directory (use RUN/final, or --export a checkpoint)")
+    try:
+        check_model_files(final)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type != "whisper":
         raise ExportError(f"{final}: model_type is {model_type!r}, not 'whisper'")

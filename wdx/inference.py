@@ -105,11 +105,37 @@ def load_ct2_tokenizer(path: Path):
     return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), unk_token="<|endoftext|>")
 
 
+def first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def check_model_files(path: Path) -> None:
+    """A one-line ValueError for a model directory whose config.json or weights are damaged
+    (a truncated copy or download), before transformers or safetensors raise from deep inside."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot load the model (config.json: {first_line(exc)})") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt") as f:  # the header's offsets must cover the file exactly
+                f.keys()
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"{path}: cannot load the model ({weights.name}: {first_line(exc)})") from None
+
+
 def load(model_dir: str | Path) -> tuple[WhisperForConditionalGeneration, object]:
     """final/ or any HF Whisper directory; or a non-DeepSpeed training checkpoint."""
     path = Path(model_dir)
     if (path / "config.json").exists():
-        return WhisperForConditionalGeneration.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        check_model_files(path)
+        try:
+            return WhisperForConditionalGeneration.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot load the model ({first_line(exc)})") from None
     if (path / "train_config.json").exists() and (path / "model.safetensors").exists():
         from .model import setup
 

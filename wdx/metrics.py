@@ -138,11 +138,16 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def row_id(row: dict) -> str:
+    """What pairs two evaluations' rows: the sample's id (its file, or shard/key); the key in older outputs."""
+    return row.get("id", row["key"])
+
+
 def compare(rows_a: list[dict], rows_b: list[dict]) -> dict[str, dict[str, float]]:
-    """Model B against model A on the utterances both decoded (matched by key), per domain and
+    """Model B against model A on the utterances both decoded (matched by `row_id`), per domain and
     overall: both CERs, B - A, and the paired bootstrap interval of B - A."""
-    b_by_key = {r["key"]: r for r in rows_b}
-    pairs = [(a, b_by_key[a["key"]]) for a in rows_a if a["key"] in b_by_key]
+    b_by_id = {row_id(r): r for r in rows_b}
+    pairs = [(a, b_by_id[row_id(a)]) for a in rows_a if row_id(a) in b_by_id]
     out = {}
     for name in (*DOMAINS, "all"):
         group = [(a, b) for a, b in pairs if name == "all" or a["domain"] == name]
