@@ -45,7 +45,7 @@ from wdx.metrics import format_table
 from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, frozen_sha256, setup
 from wdx.plan import plan_table, processes
 from wdx.shards import DatasetError, Split, load_split
-from wdx.tracking import MetricsLog, flatten_eval, setup_logging
+from wdx.tracking import MetricsLog, drop_after, flatten_eval, setup_logging
 
 log = logging.getLogger("train_loop")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -103,6 +103,12 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
     with whole_model_init(accelerator):
         whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
                                 decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout)
+    config = whisper.model.config
+    for name, flag, have in (("train_encoder_layers", "--train-encoder-layers", config.encoder_layers),
+                             ("train_decoder_layers", "--train-decoder-layers", config.decoder_layers)):
+        if getattr(cfg, name) > have:
+            raise ConfigError(f"{flag} {getattr(cfg, name)}: {cfg.base_model} has {have} "
+                              f"{name.split('_')[1]} blocks; at most {have}")
     room = max_text_tokens(whisper.model.config.max_target_positions)
     if cfg.generation_max_length > room:
         raise ConfigError(f"--generation-max-length {cfg.generation_max_length}: the decoder holds "
@@ -182,7 +188,8 @@ def data_layout(cfg: TrainConfig, accelerator: Accelerator, train: ShardedSample
             "train_samples": train.split.total}
 
 
-def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, layout: dict) -> checkpoint.TrainState:
+def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerprint: dict,
+                 layout: dict) -> checkpoint.TrainState:
     """Load model/optimizer/scheduler/RNG from the checkpoint to resume, if any, and return
     the loop state (a fresh one when starting from step 0)."""
     fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers,
@@ -192,7 +199,17 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, 
         return fresh
     checkpoint.check_fingerprint(resume, fingerprint)
     state = checkpoint.TrainState.load(resume)
+    if zero_stage(accelerator) and state.world_size != accelerator.num_processes:
+        raise checkpoint.CheckpointError(
+            f"{resume}: written by {state.world_size} processes under DeepSpeed, whose optimizer shards only load "
+            f"on as many; this run has {accelerator.num_processes}. Resume with {state.world_size} processes, or "
+            f"write its weights with them (--export {resume}) and start a new run with --base-model RUN/final")
     checkpoint.load(accelerator, resume)
+    # the optimizer's lr was restored as the old schedule left it (0 at the end of a run resumed with a
+    # larger --max-steps): recompute it from this run's schedule at the restored step
+    base = getattr(scheduler, "scheduler", scheduler)
+    base.last_epoch -= 1
+    base.step()
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
              state.micro_in_epoch)
     saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
@@ -274,8 +291,11 @@ class StepBatches:
         self.left = 0  # micro-batches still to read in this epoch
         self.skips = Counter(state.skips if accelerator.is_main_process else {})
         self.batches = None
-        self.keys_log = (open(Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl", "a",
-                              buffering=1) if cfg.log_sample_keys else None)
+        self.keys_log = None
+        if cfg.log_sample_keys:
+            path = Path(cfg.run_dir) / f"sample_keys.rank{accelerator.process_index}.jsonl"
+            drop_after(path, state.step)  # keys logged after the checkpoint are trained (and logged) again
+            self.keys_log = open(path, "a", buffering=1)
 
     def _fresh(self) -> list[Position]:
         return [Position()] * max(1, self.cfg.num_workers)
@@ -414,6 +434,9 @@ def train(cfg: TrainConfig) -> int:
     whisper, groups = build_model(cfg, accelerator)
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)
     steps_per_epoch, total_steps = count_steps(cfg, train_ds)
+    if cfg.warmup_steps >= total_steps:
+        log.warning("--warmup-steps %d: the run has %d optimizer steps; the learning rate never reaches "
+                    "--learning-rate %g", cfg.warmup_steps, total_steps, cfg.learning_rate)
     optimizer = build_optimizer(cfg, groups, accelerator.device)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
@@ -426,7 +449,7 @@ def train(cfg: TrainConfig) -> int:
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
     dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
     n_mels = whisper.model.config.num_mel_bins
-    state = resume_state(cfg, accelerator, fingerprint, data_layout(cfg, accelerator, train_ds))
+    state = resume_state(cfg, accelerator, scheduler, fingerprint, data_layout(cfg, accelerator, train_ds))
     if cfg.export:
         return export(cfg, accelerator, model, whisper, fingerprint, config_json)
     cache_stats = {}
@@ -442,18 +465,23 @@ def train(cfg: TrainConfig) -> int:
                                   init_kwargs={"wandb": {"name": cfg.run_name, "dir": cfg.run_dir}})
 
     trainable = [p for ps in groups.values() for p in ps]
-    metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl")
+    metrics = MetricsLog(accelerator, Path(cfg.run_dir) / "metrics.jsonl", state.step)
     if cache_stats:
         metrics.write(state.step, cache_stats)
     batches = StepBatches(cfg, accelerator, train_ds, train_loader, state, metrics)
-    meter, stop, last_eval, early_stopped = TrainMeter(accelerator.device), StopSignal(), None, False
+    meter, stop, last_eval = TrainMeter(accelerator.device), StopSignal(), None
+    # a checkpoint saved by an early stop resumes into the same verdict (unless --early-stopping-patience grew)
+    early_stopped = 0 < cfg.early_stopping_patience <= state.evals_without_improvement
+    if early_stopped:
+        log.info("step %d: the run stopped early there (%d evaluations without improving); nothing more to train",
+                 state.step, state.evals_without_improvement)
     files = {checkpoint.CONFIG_FILE: config_json, checkpoint.FINGERPRINT_FILE: json.dumps(fingerprint, indent=1)}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     model.train()
 
     try:  # the bar is closed on every way out, so an error line starts on a line of its own
-        while state.step < total_steps:
+        while state.step < total_steps and not early_stopped:
             # ---- forward + backward over the step's micro-batches, then one update
             micro_batches = batches.next()
             lr = scheduler.get_last_lr()[0]

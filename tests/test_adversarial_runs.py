@@ -13,6 +13,7 @@ from pathlib import Path
 
 import accelerate
 import pytest
+import torch
 
 import train_loop
 from tests.conftest import make_sample
@@ -208,7 +209,70 @@ def test_sigterm_to_the_launcher_stops_training_with_a_checkpoint(tiny_dataset, 
 def test_quiet_launch_shows_only_the_one_line_error(tiny_dataset, tiny_model, tmp_path):
     r = subprocess.run(launch(*argv(tiny_dataset, tiny_model, tmp_path, "r", "--learning-rate", "nan"), quiet=True),
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 1  # the launcher's own status, as the README says (train_loop.py exits 2)
     assert "Traceback" not in r.stderr and "CalledProcessError" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("train_loop.py: error: --learning-rate: must be a finite number "
                                                  "(got nan)")
+
+
+# ---- issue 22: resumes that ended with exit 0 and a wrong model
+
+def trained_tensor(ck: Path):
+    from safetensors.torch import load_file
+
+    return load_file(ck / "model.safetensors")["model.decoder.layers.3.fc1.weight"]
+
+
+def test_a_grad_accum_that_does_not_divide_the_steps_taken_still_updates(four_steps, tiny_dataset, tiny_model,
+                                                                        tmp_path):
+    # 4 steps at accum 1, resumed at accum 3: main's restored micro-step counter (4) never lined up with
+    # a step's end again, so optimizer.step() was a no-op for the rest of the run
+    out = copy_run(four_steps, tmp_path)
+    assert resume(tiny_dataset, tiny_model, out, "--grad-accum", "3", "--max-steps", "6", "--save-steps", "1",
+                  "--eval-steps", "1") == 0
+    steps = [trained_tensor(out / "r" / "checkpoints" / f"step-000000{s}") for s in (4, 5, 6)]
+    assert not torch.equal(steps[0], steps[1]) and not torch.equal(steps[1], steps[2])
+
+
+def test_resuming_with_another_base_or_freeze_is_refused_and_the_blocks_are_counted(four_steps, tiny_dataset,
+                                                                                    tiny_model, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = copy_run(four_steps, tmp_path)
+    other = Path(shutil.copytree(tiny_model, tmp_path / "other-base"))  # same shape, other frozen weights
+    weights = load_file(other / "model.safetensors")
+    weights["model.encoder.conv1.weight"] += 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert train_loop.main(argv(tiny_dataset, str(other), out, "r", "--resume-from-checkpoint", "latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"train_loop.py: error: {out / 'r' / 'checkpoints' / 'step-0000004'}: trained on the "
+                          f"frozen weights of --base-model {tiny_model}; those of --base-model {other} differ")
+    assert resume(tiny_dataset, tiny_model, out, "--train-encoder-layers", "1") == 2
+    assert "trained with --train-encoder-layers 4, this run has 1" in capsys.readouterr().err
+    assert train_loop.main(argv(tiny_dataset, tiny_model, tmp_path, "new", "--train-encoder-layers", "99")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train_loop.py: error: --train-encoder-layers 99: {tiny_model} has 4 encoder blocks; at most 4")
+
+
+def test_resuming_an_early_stopped_run_trains_nothing_more(four_steps, tiny_dataset, tiny_model, tmp_path):
+    out = copy_run(four_steps, tmp_path)
+    ck = out / "r" / "checkpoints" / "step-0000004"
+    state = json.loads((ck / checkpoint.STATE_FILE).read_text())
+    state.update(best_step=2, best_metric=0.5, evals_without_improvement=2)  # as an early stop at step 4 saves it
+    (ck / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    (ck / checkpoint.MANIFEST_FILE).unlink()
+    checkpoint.write_manifest(ck)
+    assert resume(tiny_dataset, tiny_model, out, "--early-stopping-patience", "2", "--max-steps", "8") == 0
+    steps = [json.loads(line)["step"] for line in open(out / "r" / "metrics.jsonl")]
+    assert max(steps) == 4  # main: trained on to step 6 and wrote final/ from it
+    assert torch.equal(trained_tensor(out / "r" / "final"), trained_tensor(out / "r" / "checkpoints" / "step-0000002"))
+
+
+def test_a_restart_before_the_first_checkpoint_starts_a_fresh_metrics_log(four_steps, tiny_dataset, tiny_model,
+                                                                         tmp_path):
+    out = copy_run(four_steps, tmp_path)
+    shutil.rmtree(out / "r" / "checkpoints")  # a crash before the first save leaves only the logs
+    assert train_loop.main(argv(tiny_dataset, tiny_model, out, "r", "--max-steps", "2")) == 0
+    train_steps = [r["step"] for r in map(json.loads, open(out / "r" / "metrics.jsonl")) if "train/loss" in r]
+    assert train_steps == [1, 2]  # main: 1, 2, 3, 4, 1, 2
+    assert [json.loads(line)["step"] for line in open(out / "r" / "sample_keys.rank0.jsonl")] == [1, 2]

@@ -17,6 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -32,7 +33,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # the gloo backend (measured with accelerate 1.15).
     cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     plugin = deepspeed_plugin(cfg)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else []
+    # the process-group timeout bounds how long a collective waits for the slowest rank: rank 0 writing
+    # final/ of large-v3 (~6 GB) or one rank building a larger share of the encoder cache
+    group = {"backend": "gloo"} if cpu_distributed else {}
+    handlers = [InitProcessGroupKwargs(**group, timeout=timedelta(seconds=cfg.ddp_timeout))]
     # DDP's gradients become views into its all-reduce buckets instead of a second copy
     handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
     try:

@@ -85,6 +85,9 @@ class TrainConfig:
     fp16: bool = opt(False, "shortcut for --mixed-precision fp16", group="optimisation")
     max_nonfinite: int = opt(10, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient",
                              group="optimisation")
+    ddp_timeout: int = opt(1800, "seconds a process waits for the others at a collective before the run fails "
+                                 "(transformers' default; Accelerate's own is 600, less than writing final/ of "
+                                 "large-v3 on a slow disk takes)", group="optimisation")
     seed: int = opt(42, "seed for model init, shuffling and dropout", group="optimisation")
     # --- evaluation, logging, checkpoints
     eval_steps: int = opt(500, "evaluate every N optimizer steps (and at the end)", group="evaluation")
@@ -161,7 +164,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"--{flag(f.name)}: must be a finite number (got {value})")
     positive = ("target_sr", "per_device_train_batch_size", "per_device_eval_batch_size", "grad_accum",
                 "num_train_epochs", "eval_steps", "save_steps", "logging_steps", "save_total_limit",
-                "shuffle_block", "open_shards", "generation_max_length", "max_nonfinite")
+                "shuffle_block", "open_shards", "generation_max_length", "max_nonfinite", "ddp_timeout")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{flag(name)}: must be >= 1 (got {getattr(cfg, name)})")

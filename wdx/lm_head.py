@@ -68,7 +68,8 @@ class DomainProjection(nn.Module):
         dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
                  else hidden.dtype)
         chunk = max(1, CHUNK_LOGIT_BYTES // (4 * self.out_features))
-        return _ChunkedCrossEntropy.apply(hidden, self.weight[: self.first], self.domain_rows, targets, dtype, chunk)
+        return _ChunkedCrossEntropy.apply(hidden, self.weight[: self.first], self.domain_rows, targets, dtype, chunk,
+                                          torch.is_grad_enabled())
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -80,8 +81,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, dtype, chunk):
-        need_h, need_rows = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    def forward(ctx, hidden, weight, rows, targets, dtype, chunk, grad):
+        # needs_input_grad says whether an input requires grad, even under torch.no_grad() (the eval
+        # loss); `grad` is whether the caller records a graph (forward itself always runs without one)
+        need_h, need_rows = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[2]
         w, r = weight.to(dtype), rows.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -108,7 +111,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_rows = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype), None,
                 None if grad_rows is None else (grad_rows * grad_total).to(ctx.rows_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def _whisper_signature_and(*names: str) -> inspect.Signature:

@@ -115,6 +115,9 @@ def _list_local_shards(split_dir: str) -> list[str]:
 
 def _shard_url(root: str, split: str, name: str) -> str:
     if root.startswith("pipe:"):
+        if "{}" not in root:
+            raise DatasetError(f"--dataset-root {root!r}: a pipe: root must contain '{{}}' where the file path goes "
+                               "(e.g. 'pipe:aws s3 cp s3://bucket/data/{} -')")
         try:
             return root.format(f"{split}/{name}")
         except (IndexError, KeyError, ValueError):

@@ -29,11 +29,37 @@ def setup_logging(is_main: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class MetricsLog:
-    """Appends one JSON object per record to RUN/metrics.jsonl and forwards to trackers."""
+def drop_after(path: str | Path, step: int) -> None:
+    """Keep only the records of a JSONL log up to `step` (none when starting at step 0).
 
-    def __init__(self, accelerator, path: str | Path) -> None:
+    A run that crashed after its last checkpoint (or before its first) logged steps that
+    the resumed run logs again; without this, metrics.jsonl would read 1..8, 1, 2, ...
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if step > 0 and _step_of(line) is not None and _step_of(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by the crash
+
+
+class MetricsLog:
+    """Appends one JSON object per record to RUN/metrics.jsonl and forwards to trackers; starts
+    from what the checkpoint being resumed (if any) had logged."""
+
+    def __init__(self, accelerator, path: str | Path, resumed_step: int) -> None:
         self.accelerator, self.path = accelerator, Path(path)
+        if accelerator.is_main_process:
+            drop_after(self.path, resumed_step)
 
     def write(self, step: int, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
