@@ -84,7 +84,8 @@ def test_fp32_cache_trains_and_evaluates_as_audio_does(runs, tiny_dataset):
     assert row["encoder_cache/clips_built"] == 30 and row["encoder_cache/mb_per_clip"] == 1500 * 64 * 4 / 1e6
     from wdx.data import iter_shard
 
-    names = sorted(p.name for p in (cache / "train").iterdir())
+    names = sorted(p.name for p in (cache / "train").glob("*.tar"))
+    assert sorted(p.name for p in (cache / "train").glob("*.done")) == [f"{n}.done" for n in names]
     assert names == sorted(p.name for p in (Path(tiny_dataset) / "train").glob("*.tar"))
     assert [s["__key__"] for s in iter_shard(str(cache / "train" / names[0]))] == [f"tr00{i}" for i in range(5)]
 
@@ -186,3 +187,97 @@ def test_what_the_cache_cannot_serve_is_refused_before_any_work(tiny_model):
     with pytest.raises(encoder_cache.CacheError, match="--train-encoder-layers 4 trains every encoder block"):
         encoder_cache.ensure(cfg, SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), w.model, [], None)
     assert not Path("/nonexistent/cache").exists()
+
+
+# ---- issue 22: stale or wrong states the cache served
+
+def one_process():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_processes=1, process_index=0)
+
+
+def test_a_truncated_or_overwritten_cache_shard_is_built_again(runs, tiny_dataset, tiny_model, tmp_path, capfd):
+    out, cache = runs
+    mine = Path(shutil.copytree(cache, tmp_path / "cache"))
+    shard = mine / "train" / "shard_000002.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # main: reused, its clips dropped as corrupt_cache, exit 0
+    assert train_loop.main(argv(tiny_dataset, tiny_model, tmp_path, "r", "--encoder-cache", str(mine))) == 0
+    log = capfd.readouterr().out
+    assert f"encoder cache shard {shard}: 5000 bytes" in log and "building 1 of train's 5 shards" in log
+    assert losses(tmp_path / "r") == losses(out / "cached")
+
+
+def test_the_fingerprint_covers_split_domains_remote_shard_bytes_and_the_code(tiny_dataset, tmp_path, monkeypatch):
+    from wdx import data, encoder_cache
+    from wdx.shards import load_split
+
+    root = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    piped = f"pipe:cat {root}/{{}}"
+    splits = [load_split(piped, "train")]
+    saved = {"splits": {"train": {"domain": None, "shards": encoder_cache.shard_list(
+        splits[0], encoder_cache.remote_digests(one_process(), splits))}}}
+    # a remote shard rewritten with the same sample count (main: name and count only, reused)
+    victim = root / "train" / "shard_000001.tar"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one byte of audio
+    victim.write_bytes(bytes(raw))
+    want = {"splits": {"train": {"domain": None, "shards": encoder_cache.shard_list(
+        splits[0], encoder_cache.remote_digests(one_process(), splits))}}}
+    assert encoder_cache.differences(saved, want) == ["--dataset-root (train/shard_000001.tar changed)"]
+    # the split's domain in metadata.json (main: not in the fingerprint; normal states trained as dyslexic)
+    want = {"splits": {"train": {**saved["splits"]["train"], "domain": "dyslexic"}}}
+    assert encoder_cache.differences(saved, want) == ["--dataset-root (train/metadata.json domain None -> dyslexic)"]
+    # a fix in the code that makes the states and records
+    before = encoder_cache.code_sha256()
+    monkeypatch.setattr(data, "MIN_SECONDS", 0.2)
+    assert encoder_cache.code_sha256() != before
+    assert encoder_cache.differences({"code": before}, {"code": encoder_cache.code_sha256()}) == [
+        encoder_cache.CAUSES["code"]]
+
+
+def test_shards_of_one_name_in_two_folders_get_two_cache_files():
+    from wdx import encoder_cache
+    from wdx.shards import Split
+
+    split = Split("train", ("/d/a/s.tar", "/d/b/s.tar"), (3, 4), None, ("a/s.tar", "b/s.tar"))
+    assert encoder_cache.cache_names(split) == ["a__s.tar", "b__s.tar"]  # main: both "s.tar"
+    mirror = encoder_cache.cached_split(Path("/c"), split)
+    assert mirror.urls == ("/c/train/a__s.tar", "/c/train/b__s.tar") and mirror.counts == (3, 4)
+
+
+def test_spec_augment_or_dropout_in_the_base_config_is_refused(tiny_model):
+    from types import SimpleNamespace
+
+    from wdx import encoder_cache
+    from wdx.config import TrainConfig
+
+    cfg = TrainConfig(dataset_root="x", run_name="x", encoder_cache="c", base_model="b")
+    spec = SimpleNamespace(apply_spec_augment=True, mask_time_prob=0.05, mask_feature_prob=0.0)
+    with pytest.raises(encoder_cache.CacheError, match=r"--base-model b enables SpecAugment \(apply_spec_augment"):
+        encoder_cache.check_fixed(cfg, spec)
+    with pytest.raises(encoder_cache.CacheError, match="--base-model b has attention_dropout 0.1"):
+        encoder_cache.check_fixed(cfg, SimpleNamespace(attention_dropout=0.1))
+    encoder_cache.check_fixed(cfg, SimpleNamespace(apply_spec_augment=False, mask_time_prob=0.05,
+                                                   attention_dropout=0.0, activation_dropout=0.0))
+
+
+def test_a_matching_cache_is_not_written_and_each_node_s_copy_is_checked(tmp_path, monkeypatch):
+    from wdx import encoder_cache
+
+    want = {"version": encoder_cache.VERSION, "dtype": "float32", "splits": {"train": {"domain": None, "shards": []}}}
+    root = tmp_path / "cache"
+    encoder_cache.open_cache(root, want, rebuild=False)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)  # main: rewrote the fingerprint, refused on a read-only mount
+    encoder_cache.open_cache(root, want, rebuild=False)
+    monkeypatch.undo()
+    with pytest.raises(encoder_cache.CacheError, match="no fingerprint.json where process 1 looks; the directory "
+                                                       "must be shared by every process, or copied to every node"):
+        encoder_cache.check_copy(tmp_path / "elsewhere", want, 1)
+    with pytest.raises(encoder_cache.CacheError, match=r"--mixed-precision \(dtype float32 -> bfloat16\) in "
+                                                       "process 1's copy"):
+        encoder_cache.check_copy(root, {**want, "dtype": "bfloat16"}, 1)

@@ -8,22 +8,30 @@ positions, 28 of large-v3's 32 blocks) never changes, and nothing random comes b
 The cache keeps that output in the compute dtype, next to what the loader needs:
 
     DIR/fingerprint.json        what the states depend on (below); a mismatch is refused
-    DIR/<split>/<shard name>    one tar per source shard, the same samples in the same order:
+    DIR/<split>/<shard name>    one tar per source shard (its metadata.json name, '/' written '__'),
+                                the same samples in the same order:
                                 KEY.states  [frames, d_model] raw, in the fingerprint's dtype
                                 KEY.json    {"text", "domain", "duration"}
                                 or KEY.skip why the source sample is unusable (counted as a
                                 skip again every epoch, exactly as the audio path counts it)
+    DIR/<split>/<name>.done     the finished shard's size, written after its fsync and rename: a
+                                shard without it, or of another size (truncated, overwritten), is
+                                built again
 
 Mirroring the source shards keeps every slot, shuffle and resume rule of wdx.data as it is:
 the loader reads cache shards instead of audio shards, and `read_cached` stands in for
 audio decoding. Shard i is built by rank i % world_size, written to NAME.partial and renamed
-when complete, so an interrupted build resumes with the shards not yet renamed.
+when complete, so an interrupted build resumes with the shards not yet renamed. Every process
+checks the fingerprint it sees (per-node copies included) and every shard after the build; the
+verdict is agreed, so a disagreement is one line on every rank, never a hang.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -35,22 +43,24 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from .accel import agree, sum_counts, zero_stage
+from . import audio, data, features, text
+from .accel import agree, gather_list, sum_counts, zero_stage
 from .config import ConfigError, TrainConfig
-from .data import Skips, decode_sample, pad_audio, read_segments, shard_name
+from .data import Skips, decode_sample, pad_audio, read_segments
 from .evaluation import model_input
 from .features import HOP_LENGTH, N_FFT, SAMPLE_RATE
 from .model import tensors_sha256
 from .sharding import Segment
-from .shards import Split, is_url
+from .shards import Split, is_url, open_url
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
-VERSION = 1
+VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # fingerprint field -> what the user changes to change it (the refusal names it)
 CAUSES = {"version": "the cache format of this trainer", "prefix_sha256": "--base-model (its frozen weights)",
+          "code": "this trainer's audio decoding, text normalisation or log-mel code (changed since the build)",
           "frozen_blocks": "--train-encoder-layers", "d_model": "--base-model", "n_mels": "--base-model",
           "mel": "the log-mel settings of wdx.features", "dtype": "--mixed-precision",
           "target_sr": "--target-sr", "default_domain": "--default-domain", "splits": "--dataset-root"}
@@ -67,25 +77,65 @@ def prefix_sha256(model) -> str:
     return tensors_sha256(item for module in modules for item in module.state_dict().items())
 
 
-def shard_list(split: Split) -> list[list]:
-    """[name, samples, bytes, mtime_ns] per shard (name and samples only for URLs, which cannot be stat'ed)."""
+def code_sha256() -> str:
+    """A hash of the code that turns a tar sample into cached states and records: a fix there
+    must not be bypassed by states made before it."""
+    parts = [inspect.getsource(m) for m in (audio, features, text)]
+    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.group_members,
+                                             data.split_member_name, model_input)]
+    parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, data.MEMBER_TYPES)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cache_names(split: Split) -> list[str]:
+    """The cache's file name of each shard: its metadata.json name with '/' written '__', so that
+    shards of one name in different folders never share a cache file."""
+    files = split.files or tuple(u.rsplit("/", 1)[-1] for u in split.urls)
+    names = [f.replace("/", "__") for f in files]
+    if len(set(names)) < len(names):  # "a/b.tar" and "a__b.tar" both listed: number them
+        names = [f"{i:06d}-{n}" for i, n in enumerate(names)]
+    return names
+
+
+def shard_sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with open_url(url) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remote_digests(accelerator, splits: list[Split]) -> dict[str, str]:
+    """sha256 of every URL (pipe:, http, s3 ...) shard, which cannot be stat'ed: each process reads
+    its share once per start (no decoding), so a rewritten remote shard is never served stale."""
+    urls = [u for s in splits for u in s.urls if is_url(u)]
+    mine = {u: shard_sha256(u) for i, u in enumerate(urls) if i % accelerator.num_processes ==
+            accelerator.process_index}
+    return {u: h for part in gather_list(accelerator, [mine]) for u, h in part.items()}
+
+
+def shard_list(split: Split, remote: dict[str, str]) -> list[list]:
+    """[name, samples, bytes, mtime_ns] per local shard, [name, samples, sha256] per URL shard."""
     out = []
-    for url, count in zip(split.urls, split.counts):
-        entry = [shard_name(url), count]
-        if not is_url(url):
+    for url, file, count in zip(split.urls, split.files or split.urls, split.counts):
+        entry = [file, count]
+        if is_url(url):
+            entry.append(remote[url])
+        else:
             st = os.stat(url)
             entry += [st.st_size, st.st_mtime_ns]
         out.append(entry)
     return out
 
 
-def fingerprint(cfg: TrainConfig, model, splits: list[Split], dtype: torch.dtype) -> dict:
+def fingerprint(cfg: TrainConfig, model, splits: list[Split], dtype: torch.dtype, remote: dict[str, str]) -> dict:
     """Everything the cached states and their records depend on."""
     c = model.config
-    return {"version": VERSION, "prefix_sha256": prefix_sha256(model), "frozen_blocks": model.frozen_prefix,
-            "d_model": c.d_model, "n_mels": c.num_mel_bins, "mel": [SAMPLE_RATE, N_FFT, HOP_LENGTH],
-            "dtype": str(dtype).removeprefix("torch."), "target_sr": cfg.target_sr,
-            "default_domain": cfg.default_domain, "splits": {s.name: shard_list(s) for s in splits}}
+    return {"version": VERSION, "prefix_sha256": prefix_sha256(model), "code": code_sha256(),
+            "frozen_blocks": model.frozen_prefix, "d_model": c.d_model, "n_mels": c.num_mel_bins,
+            "mel": [SAMPLE_RATE, N_FFT, HOP_LENGTH], "dtype": str(dtype).removeprefix("torch."),
+            "target_sr": cfg.target_sr, "default_domain": cfg.default_domain,
+            "splits": {s.name: {"domain": s.domain, "shards": shard_list(s, remote)} for s in splits}}
 
 
 def differences(saved: dict, want: dict) -> list[str]:
@@ -93,53 +143,98 @@ def differences(saved: dict, want: dict) -> list[str]:
     out = []
     for key in want:
         if key == "splits":
-            for name, shards in want["splits"].items():
+            for name, split in want["splits"].items():
                 have = saved.get("splits", {}).get(name)
-                if have is not None and have != shards:
-                    changed = next((s[0] for s, h in zip(shards, have) if s != h), None)
+                if have is None:
+                    continue  # a split not cached yet: added
+                if have.get("domain") != split["domain"]:
+                    out.append(f"--dataset-root ({name}/metadata.json domain {have.get('domain')} -> "
+                               f"{split['domain']})")
+                if have.get("shards") != split["shards"]:
+                    changed = next((s[0] for s, h in zip(split["shards"], have.get("shards", [])) if s != h), None)
                     what = f"{name}/{changed} changed" if changed else f"{name} has other shards"
                     out.append(f"--dataset-root ({what})")
         elif key == "prefix_sha256" and any(saved.get(k) != want[k] for k in ("dtype", "frozen_blocks")):
             continue  # the hash covers the prefix as held: another dtype or depth is reported as that
         elif saved.get(key) != want[key]:
-            out.append(f"{CAUSES[key]} ({key} {saved.get(key)} -> {want[key]})" if key != "prefix_sha256"
-                       else f"{CAUSES[key]}")
+            out.append(f"{CAUSES[key]} ({key} {saved.get(key)} -> {want[key]})"
+                       if key not in ("prefix_sha256", "code") else CAUSES[key])
     return out
 
 
-def open_cache(root: Path, want: dict, rebuild: bool) -> None:
-    """Make `root` a cache for `want`: new, matching (splits may be added), or wiped when `rebuild`."""
+def read_fingerprint(root: Path) -> dict | None:
     path = root / FINGERPRINT
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"--encoder-cache {root}: {FINGERPRINT} unreadable ({exc}); "
-                             "pass --rebuild-encoder-cache") from None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"--encoder-cache {root}: {FINGERPRINT} unreadable ({exc}); "
+                         "pass --rebuild-encoder-cache") from None
+
+
+def refusal(root: Path, differ: list[str]) -> CacheError:
+    return CacheError(f"--encoder-cache {root}: built for another set-up: {'; '.join(differ)}; pass "
+                      "--rebuild-encoder-cache to build it again, or name another directory")
+
+
+def open_cache(root: Path, want: dict, rebuild: bool) -> None:
+    """Make `root` a cache for `want`: new, matching (splits may be added), or wiped when `rebuild`.
+    A matching fingerprint is not written again (a cache on a read-only file system serves)."""
+    saved = read_fingerprint(root)
+    if saved is not None:
         differ = differences(saved, want)
         if differ and not rebuild:
-            raise CacheError(f"--encoder-cache {root}: built for another set-up: {'; '.join(differ)}; pass "
-                             "--rebuild-encoder-cache to build it again, or name another directory")
+            raise refusal(root, differ)
         if differ:
             log.warning("--encoder-cache %s: rebuilding (%s)", root, "; ".join(differ))
             for entry in root.iterdir():
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         else:
             want = {**want, "splits": {**saved.get("splits", {}), **want["splits"]}}
+            if want == saved:
+                return
     elif root.exists() and not root.is_dir():
         raise CacheError(f"--encoder-cache {root}: not a directory")
     elif root.exists() and any(root.iterdir()):
         raise CacheError(f"--encoder-cache {root}: holds files but no {FINGERPRINT}; name an empty or new directory")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = (root / FINGERPRINT).with_suffix(".tmp")
     tmp.write_text(json.dumps(want, indent=1))
-    os.replace(tmp, path)
+    os.replace(tmp, root / FINGERPRINT)
+
+
+def check_copy(root: Path, want: dict, rank: int) -> None:
+    """Another process's view of the cache: on a file system it does not share with the main
+    process (a per-node copy), the fingerprint must be there and match too."""
+    saved = read_fingerprint(root)
+    if saved is None:
+        raise CacheError(f"--encoder-cache {root}: no {FINGERPRINT} where process {rank} looks; the directory must be "
+                         "shared by every process, or copied to every node after a build (README 'Encoder cache')")
+    differ = differences(saved, want)
+    if differ:
+        raise refusal(root, [f"{d} in process {rank}'s copy" for d in differ])
+
+
+def complete(path: Path) -> bool:
+    """A cache shard that was written whole: renamed, with a matching `.done` size record."""
+    done = path.with_name(path.name + ".done")
+    try:
+        size = json.loads(done.read_text())["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if path.is_file() and path.stat().st_size == size:
+        return True
+    log.warning("encoder cache shard %s: %s; building it again", path,
+                f"{path.stat().st_size} bytes, {size} were written" if path.is_file() else "missing")
+    return False
 
 
 def cached_split(root: Path, split: Split) -> Split:
-    """The cache's mirror of `split`: same shard names and counts, states instead of audio."""
-    return Split(name=split.name, urls=tuple(str(root / split.name / shard_name(u)) for u in split.urls),
-                 counts=split.counts, domain=split.domain)
+    """The cache's mirror of `split`: same shards in the same order and counts, states instead of audio."""
+    names = cache_names(split)
+    return Split(name=split.name, urls=tuple(str(root / split.name / n) for n in names), counts=split.counts,
+                 domain=split.domain, files=tuple(names))
 
 
 def read_cached(raw: dict, *, dtype: torch.dtype, shape: tuple[int, int]) -> dict | str:
@@ -178,7 +273,7 @@ class _ShardClips(torch.utils.data.IterableDataset):
             for _, raw in read_segments(self.split, segment, 0, skips):
                 result = self.decode(raw)
                 if isinstance(result, str):
-                    skips.record(result, shard_name(raw.get("__url__", "?")), raw["__key__"])
+                    skips.record(result, data.shard_name(raw.get("__url__", "?")), raw["__key__"])
                     records.append({"key": raw["__key__"], "skip": result})
                     continue
                 clips.append(result)
@@ -204,6 +299,7 @@ def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_
     and the loader workers decode the next ones.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = cache_names(split)
     loader = torch.utils.data.DataLoader(_ShardClips(split, shards, batch_size, target_sr, default_domain),
                                          batch_size=None, num_workers=workers)
     writers: dict[int, wds.TarWriter] = {}
@@ -219,7 +315,7 @@ def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_
                 clips += len(states)
             if pending is not None:
                 pending.result()  # one batch in flight: disk errors surface here, in order
-            pending = disk.submit(_write, writers, out_dir / shard_name(split.urls[batch["shard"]]), batch, states)
+            pending = disk.submit(_write, writers, out_dir / names[batch["shard"]], batch, states)
             skips.update(batch["skips"])
         if pending is not None:
             pending.result()
@@ -242,7 +338,27 @@ def _write(writers: dict, path: Path, batch: dict, states: torch.Tensor | None) 
         k += 1
     if batch["done"]:
         writers.pop(batch["shard"]).close()
+        with open(partial, "rb+") as f:  # on disk before the rename: a crash never leaves a renamed, empty shard
+            os.fsync(f.fileno())
         os.replace(partial, path)
+        done = path.with_name(path.name + ".done")
+        done.with_suffix(".tmp").write_text(json.dumps({"bytes": path.stat().st_size}))
+        os.replace(done.with_suffix(".tmp"), done)
+
+
+def check_fixed(cfg: TrainConfig, config) -> None:
+    """Refuse a base model whose config makes the prefix's output random in training: SpecAugment
+    masks the log-mel, dropout in the frozen blocks; the cache would silently train without them."""
+    if getattr(config, "apply_spec_augment", False) and (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
+        raise CacheError(f"--encoder-cache: --base-model {cfg.base_model} enables SpecAugment (apply_spec_augment, "
+                         f"mask_time_prob {config.mask_time_prob}, mask_feature_prob {config.mask_feature_prob}): its "
+                         "masks change the encoder input every step, which a cache of fixed states cannot serve; set "
+                         "apply_spec_augment false in its config.json or train without --encoder-cache")
+    for name in ("attention_dropout", "activation_dropout"):
+        if getattr(config, name, 0.0) > 0:
+            raise CacheError(f"--encoder-cache: --base-model {cfg.base_model} has {name} {getattr(config, name)}: "
+                             "the frozen blocks' output would change every epoch; set it to 0 in its config.json or "
+                             "train without --encoder-cache")
 
 
 def ensure(cfg: TrainConfig, accelerator, model, splits: list[Split], dtype: torch.dtype
@@ -260,21 +376,31 @@ def ensure(cfg: TrainConfig, accelerator, model, splits: list[Split], dtype: tor
     if model.frozen_prefix == 0:
         raise CacheError(f"--encoder-cache: --train-encoder-layers {cfg.train_encoder_layers} trains every encoder "
                          "block; there is no frozen prefix to cache")
+    check_fixed(cfg, model.config)
+    want = fingerprint(cfg, model, splits, dtype, remote_digests(accelerator, splits))
+    rank, world = accelerator.process_index, accelerator.num_processes
     problem = None
-    if accelerator.is_main_process:
-        try:
-            open_cache(root, fingerprint(cfg, model, splits, dtype), cfg.rebuild_encoder_cache)
-        except (CacheError, OSError) as exc:
-            problem = str(exc) if isinstance(exc, CacheError) else f"--encoder-cache {root}: {exc}"
+    try:
+        if accelerator.is_main_process:
+            open_cache(root, want, cfg.rebuild_encoder_cache)
+    except (CacheError, OSError) as exc:
+        problem = str(exc) if isinstance(exc, CacheError) else f"--encoder-cache {root}: {exc}"
     if agree(accelerator, problem is not None)[0]:
         raise CacheError(problem or f"--encoder-cache {root}: refused on the main process")
+    try:
+        if not accelerator.is_main_process:  # after the main process wrote it: each node's view, copies included
+            check_copy(root, want, rank)
+    except CacheError as exc:
+        problem = str(exc)
+    if agree(accelerator, problem is not None)[0]:
+        raise CacheError(problem or f"--encoder-cache {root}: another process's copy differs (see its log)")
 
-    t0, clips, skips, problem = time.perf_counter(), 0, Counter(), None
-    rank, world = accelerator.process_index, accelerator.num_processes
+    t0, clips, skips = time.perf_counter(), 0, Counter()
     try:
         for split in splits:
+            names = cache_names(split)
             todo = [i for i in range(len(split.urls)) if i % world == rank
-                    and not (root / split.name / shard_name(split.urls[i])).exists()]
+                    and not complete(root / split.name / names[i])]
             if todo:
                 log.info("encoder cache: building %d of %s's %d shards on process %d", len(todo), split.name,
                          len(split.urls), rank)
@@ -288,11 +414,12 @@ def ensure(cfg: TrainConfig, accelerator, model, splits: list[Split], dtype: tor
     if agree(accelerator, problem is not None)[0]:
         raise CacheError(problem or f"--encoder-cache {root}: the build failed on another process")
     seconds = time.perf_counter() - t0
-    missing = [f"{s.name}/{shard_name(u)}" for s in splits for u in s.urls
-               if not (root / s.name / shard_name(u)).exists()]
+    missing = [f"{s.name}/{n}" for s in splits for n in cache_names(s) if not complete(root / s.name / n)]
     if missing:
-        raise CacheError(f"--encoder-cache {root}: {missing[0]} missing after the build; is the directory shared "
-                         "by every process?")
+        problem = (f"--encoder-cache {root}: {missing[0]} missing after the build where process {rank} looks; is the "
+                   "directory shared by every process (or copied to every node)?")
+    if agree(accelerator, problem is not None)[0]:  # decided together: a rank that raised alone would hang the rest
+        raise CacheError(problem or f"--encoder-cache {root}: a shard is missing where another process looks")
     built = torch.tensor([clips], device=accelerator.device)
     total_built = int(accelerator.reduce(built, reduction="sum").item())
     all_skips = dict(sum_counts(accelerator, skips))

@@ -35,6 +35,7 @@ class Split:
     urls: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard, in `urls` order
     domain: str | None  # the split-level default domain, if metadata.json names one
+    files: tuple[str, ...] = ()  # the shards' names as metadata.json lists them (relative paths), in `urls` order
 
     @property
     def total(self) -> int:
@@ -158,4 +159,4 @@ def load_split(root: str, split: str, samples_per_shard: int | None = None) -> S
                         os.path.join(root, split), len(unlisted), METADATA,
                         ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""))
     urls = tuple(_shard_url(root, split, n) for n in names)
-    return Split(name=split, urls=urls, counts=tuple(counts), domain=domain)
+    return Split(name=split, urls=urls, counts=tuple(counts), domain=domain, files=tuple(names))
