@@ -88,3 +88,40 @@ def test_inspect_fails_in_one_line_on_a_missing_split(tmp_path):
     r = cli("wdx.inspect", str(tmp_path / "nope"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"wdx.inspect: error: {tmp_path}/nope/train: split directory not found"
+
+
+def test_pack_shuffles_a_domain_sorted_manifest_so_shards_mix_domains(tmp_path, capsys):
+    # issue 22.8: main kept manifest order, so a manifest sorted by domain gave one-domain shards and
+    # 41-51 % of batches without a dyslexic sample
+    from wdx.inspect import format_report, inspect_split
+    from wdx.pack import pack
+    from wdx.shards import load_split
+
+    (tmp_path / "a.wav").write_bytes(encode_audio(speechlike(0.5, 16000), 16000, "wav"))
+    rows = [{"audio_path": "a.wav", "text": "안녕", "domain": d, "split": "train"}
+            for d in ("normal", "dyslexic") for _ in range(8)]
+    manifest = write_manifest(tmp_path, rows, "jsonl")
+    pack(manifest, tmp_path / "mixed", max_count=4, max_bytes=2**30)
+    pack(manifest, tmp_path / "sorted", max_count=4, max_bytes=2**30, seed=None)  # --keep-order
+    mixed, ordered = (inspect_split(load_split(str(tmp_path / d), "train")) for d in ("mixed", "sorted"))
+    assert mixed.one_domain_shards == 0 and mixed.domains == {"normal": 8, "dyslexic": 8}
+    assert ordered.one_domain_shards == 4
+    assert "one-domain shards 4 of 4: a batch mixes only the few shards" in format_report(ordered)
+
+
+def test_inspect_with_the_base_model_counts_transcripts_training_skips(tmp_path, tiny_model):
+    # issue 22.16: main called a transcript longer than the decoder holds usable; training skips it
+    from wdx.inspect import inspect_split, text_encoder
+    from wdx.pack import write_split
+    from wdx.shards import load_split
+
+    long_text = "".join(chr(0xAC00 + i * 7919 % 11172) for i in range(300))  # 300 syllables, no merges: > 442 tokens
+    samples = [{"__key__": "long", "wav": encode_audio(speechlike(13.0, 16000), 16000, "wav"),
+                "txt": long_text.encode(), "json": b'{"domain": "normal"}'},
+               {"__key__": "ok", "wav": encode_audio(speechlike(1.0, 16000), 16000, "wav"),
+                "txt": "안녕".encode(), "json": b'{"domain": "normal"}'}]
+    write_split(tmp_path / "ds" / "train", samples)
+    split = load_split(str(tmp_path / "ds"), "train")
+    assert inspect_split(split).usable_samples == 2
+    report = inspect_split(split, encode_text=text_encoder(tiny_model))
+    assert report.usable_samples == 1 and report.skipped == {"transcript_too_long": 1}

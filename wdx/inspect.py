@@ -39,13 +39,14 @@ class SplitReport:
     channels: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     count_mismatches: list = field(default_factory=list)  # (shard, metadata, counted)
+    one_domain_shards: int = 0  # shards whose usable samples are all of one domain (of several in the split)
 
 
 def inspect_split(split: Split, default_domain: str | None = None, encode_text=None) -> SplitReport:
     """Read every sample of `split` the way the trainer does (no resampling). `encode_text`
     (collate.make_text_encoder of --base-model's tokenizer) also checks transcript lengths."""
     report = SplitReport(split.name, len(split.urls), split.total)
-    skips = Skips()
+    skips, one_domain, before = Skips(), 0, Counter()
     with tqdm(total=split.total, desc=split.name, unit="sample", leave=False) as bar:
         for url, expected in zip(split.urls, split.counts):
             counted = 0
@@ -58,9 +59,12 @@ def inspect_split(split: Split, default_domain: str | None = None, encode_text=N
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 skips.skip("corrupt_shard", shard_name(url), "-", _first_arg(exc))
             report.counted_samples += counted
+            one_domain += len(report.domains - before) == 1
+            before = Counter(report.domains)
             if counted != expected:
                 report.count_mismatches.append((shard_name(url), expected, counted))
     report.skipped = Counter(skips.take())
+    report.one_domain_shards = one_domain if len(report.domains) > 1 else 0
     return report
 
 
@@ -111,6 +115,9 @@ def format_report(r: SplitReport) -> str:
         f"  channels          {counts(r.channels)}",
         f"  skipped           {counts(r.skipped)}",
     ]
+    if r.one_domain_shards:
+        lines.append(f"  one-domain shards {r.one_domain_shards} of {r.shards}: a batch mixes only the few shards a "
+                     "loader worker has open; repack with wdx.pack (it shuffles) for batches that mix domains")
     lines += [f"  COUNT MISMATCH    {s}: metadata says {m}, tar holds {c}" for s, m, c in r.count_mismatches]
     return "\n".join(lines)
 

@@ -5,7 +5,10 @@
 MANIFEST is CSV (with a header) or JSONL with the fields `audio_path`, `text`, `domain`,
 `split` (train / val_small / ...); any other field (e.g. `speaker`) goes into the sample's
 json member. Audio bytes are stored as they are (no re-encoding). Relative audio paths are
-taken relative to the manifest's directory.
+taken relative to the manifest's directory. Rows are shuffled within each split (seeded) before
+they are cut into shards: a manifest sorted by domain or speaker would otherwise give shards of
+one domain, and a batch mixes only the few shards a loader worker has open (--keep-order keeps
+the manifest's order).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import csv
 import json
 import logging
 import os
+import random
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -106,8 +110,9 @@ def to_sample(row: dict, where: str, base: Path, index: int) -> tuple[str, dict]
     return row["split"], members
 
 
-def pack(manifest: Path, out: Path, max_count: int, max_bytes: int) -> dict[str, list[dict]]:
-    """Pack every split named in the manifest; validates the whole manifest before writing."""
+def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | None = 0) -> dict[str, list[dict]]:
+    """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order);
+    validates the whole manifest before writing."""
     by_split: dict[str, list[tuple[str, dict]]] = {}
     base = manifest.parent
     for i, (n, row) in enumerate(tqdm(list(read_manifest(manifest)), desc="reading manifest", unit="row")):
@@ -117,6 +122,8 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int) -> dict[str,
     for split, rows in by_split.items():
         if (out / split / METADATA).exists():
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
+        if seed is not None:
+            random.Random(f"{seed}-{split}").shuffle(rows)
         samples = (to_sample(row, where, base, i)[1] for i, (where, row) in enumerate(rows))
         written[split] = write_split(out / split, tqdm(samples, total=len(rows), desc=f"packing {split}",
                                                        unit="sample"), max_count=max_count, max_bytes=max_bytes)
@@ -129,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="dataset root to create (ROOT/<split>/shard_*.tar)")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
     parser.add_argument("--max-shard-mb", type=float, default=1024, help="close a shard at this much audio+text")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle of each split's rows")
+    parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
+                        "only for manifests already shuffled, or evaluation sets read in order")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20))
+        written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
+                       None if args.keep_order else args.seed)
     except (ManifestError, OSError) as exc:
         print(f"wdx.pack: error: {exc}", file=sys.stderr)
         return 1
