@@ -448,6 +448,9 @@ def train(cfg: TrainConfig) -> int:
                                          cfg.train_decoder_layers)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
     dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
+    if zero_stage(accelerator):  # what the engine really does with gradients (ds_configs/ asks for fp32)
+        log.info("DeepSpeed ZeRO-%d: module in %s; gradients accumulated in %s, reduced in %s", zero_stage(accelerator),
+                 dtype, getattr(model.optimizer, "gradient_accumulation_dtype", "?"), model.communication_data_type)
     n_mels = whisper.model.config.num_mel_bins
     state = resume_state(cfg, accelerator, scheduler, fingerprint, data_layout(cfg, accelerator, train_ds))
     if cfg.export:
@@ -644,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.plan:  # before any Accelerator: no device, no weights
             print(f"precision {cfg.precision()} ({cfg.precision_source})")
             print(plan_table(cfg.base_model, cfg.train_encoder_layers, cfg.train_decoder_layers,
-                             cfg.per_device_train_batch_size, cfg.plan_tokens, cfg.precision(), processes()))
+                             cfg.per_device_train_batch_size, cfg.plan_tokens, cfg.precision(), processes(),
+                             cfg.gradient_checkpointing))
             return 0
         return train(cfg)
     except (ConfigError, DatasetError, ModelLoadError, checkpoint.CheckpointError, rundir.RunDirError) as exc:

@@ -91,3 +91,16 @@ def test_a_checkpoint_from_before_the_domain_rows_parameter_is_refused_in_one_li
     with pytest.raises(checkpoint.CheckpointError, match="written by an older version of this trainer") as err:
         checkpoint.check_fingerprint(ck, {**old, "domain_rows": checkpoint.DOMAIN_ROWS})
     assert "\n" not in str(err.value)
+
+
+def test_the_process_group_timeout_is_a_flag_with_a_safe_default():
+    # issue 22.12: Accelerate's default (10 min) is shorter than rank 0 writing final/ of large-v3 on a slow disk
+    from datetime import timedelta
+
+    from wdx.accel import build_accelerator
+    from wdx.config import parse_args
+
+    cfg = parse_args(["--dataset-root", "x", "--run-name", "x"])
+    assert cfg.ddp_timeout == 1800
+    accelerator = build_accelerator(parse_args(["--dataset-root", "x", "--run-name", "x", "--ddp-timeout", "77"]))
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=77)}

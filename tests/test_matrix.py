@@ -122,6 +122,9 @@ def test_bf16_trains_evaluates_saves_resumes_and_exports(config, eight_clips, ti
         assert (state["epoch"], state["micro_in_epoch"]) == (1, 0)  # step 2 closed epoch 0
         resumed = launch(config, argv + ["--resume-from-checkpoint", "latest"])
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        # ds_configs/ ask for fp32 accumulation and reduction (DeepSpeed's default: the module's bf16)
+        assert ("DeepSpeed ZeRO-2: module in torch.bfloat16; gradients accumulated in torch.float32, reduced in "
+                "torch.float32") in first
     assert "precision          bf16 (--bf16" in first and "stopped by SIGTERM at step 2" in first
     run = tmp_path / "m"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]

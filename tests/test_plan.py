@@ -88,3 +88,18 @@ def test_processes_come_from_the_launcher_else_the_default_accelerate_config(tmp
     assert processes() == 4
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert processes() == 8
+
+
+def test_the_plan_prices_gradient_checkpointing_and_zero_s_16_bit_gradient_partition():
+    # issue 22.13: main's plan ignored --gradient-checkpointing and left out ZeRO-2's bf16 gradient partition
+    config = shaped(128, 4)
+    plain = simulate(config, 4, 4, 4, 100, "no", deepspeed=False)
+    checkpointed = simulate(config, 4, 4, 4, 100, "no", deepspeed=False, checkpointing=True)
+    measured = simulate(config, 4, 4, 4, 100, "no", deepspeed=False, fake=False, checkpointing=True)
+    assert checkpointed.peak < 0.8 * plain.peak  # activations of the 4+4 trained blocks are recomputed
+    assert checkpointed.peak == pytest.approx(measured.peak, rel=0.15)
+    step = Step(params=10**9, trainable=10**8, largest=10**7, weights=2 * GIB, peak=8 * GIB)
+    # fp32 master, fp32 gradients for Adam, Adam moments, and the fp32 accumulation partition of ds_configs/
+    assert per_gpu(step, "ZeRO-2", 4)["states"] == (4 + 4 + 8 + 4) * 10**8 / 4
+    assert per_gpu(step, "ZeRO-3", 4)["states"] == (4 + 4 + 8 + 4) * 10**8 / 4
+    assert per_gpu(step, "ZeRO-2", 4)["buckets"] == (2 * 5e7 + 5e7) * 2 + 5e7 * 4  # + the bucket reduced in fp32

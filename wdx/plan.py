@@ -11,8 +11,10 @@ output and a log-sum-exp only).
 
 On top of one process's step, per strategy: DDP gradient buckets (the gradients are views
 into them: one copy, kept between steps); DeepSpeed's fp32 master weights, fp32 gradient
-partition and Adam moments (each / processes), its reduce/all-gather buckets as set in
-ds_configs/, and ZeRO-3's sharded weights plus the ones gathered around the running layer.
+partition and Adam moments (each / processes), the partition of gradients accumulated over
+micro-batches (fp32 in ds_configs/), its reduce/all-gather buckets as set in ds_configs/
+(plus an fp32 copy of the bucket being reduced), and ZeRO-3's sharded weights plus the ones
+gathered around the running layer.
 What no tensor count sees is added as CUDA_CONTEXT (CUDA/cuBLAS/NCCL, outside
 `max_memory_allocated`) and ALLOCATOR_SLACK (the caching allocator reserves more than it
 hands out). tests/test_plan.py checks the simulated step against the CPU allocator's own
@@ -79,14 +81,14 @@ class Step:
 
 
 def simulate(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
-             precision: str, deepspeed: bool, fake: bool = True) -> Step:
+             precision: str, deepspeed: bool, fake: bool = True, checkpointing: bool = False) -> Step:
     """Two training steps of the loop's code (`training_step`); the peak of live tensor bytes.
 
     `fake`: on fake tensors, counted by LiveBytes (the plan). Otherwise on real tensors of a
     random-init model, the second step measured by the CPU allocator (the check of the plan).
     """
-    return measure(lambda: training_step(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed),
-                   config.num_mel_bins, fake)
+    return measure(lambda: training_step(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed,
+                                         checkpointing), config.num_mel_bins, fake)
 
 
 def measure(build, n_mels: int, fake: bool = True) -> Step:
@@ -118,7 +120,7 @@ def measure(build, n_mels: int, fake: bool = True) -> Step:
 
 
 def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
-                  precision: str, deepspeed: bool):
+                  precision: str, deepspeed: bool, checkpointing: bool = False):
     """The model as the loop sets it up (random init), its trainable parameters, optimizer,
     and a closure running one training step on a batch of `tokens` decoder positions.
 
@@ -126,6 +128,7 @@ def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: in
     gradient leaves the parameter as soon as it is complete (DeepSpeed copies it into its
     reduce bucket); its optimizer and buckets are added by `per_gpu`. Otherwise: frozen
     weights in the compute dtype, trained ones fp32 under autocast, fused AdamW, as the loop.
+    `checkpointing`: --gradient-checkpointing, enabled as the loop enables it.
     """
     from .evaluation import token_loss_sum
     from .features import N_SAMPLES, log_mel
@@ -140,6 +143,8 @@ def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: in
     model = DomainWhisper(config)
     install_domain_rows(model, vocab)
     groups = freeze_except(model, encoder_layers, decoder_layers)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for ps in groups.values() for p in ps]
     optimizer = None
     if deepspeed:
@@ -169,9 +174,15 @@ def training_step(config: WhisperConfig, encoder_layers: int, decoder_layers: in
 
 
 def ds_buckets(stage: int) -> dict[str, float]:
-    """Bucket sizes (elements) of the shipped ds_configs/ preset for `stage`."""
-    zero = json.loads((DS_CONFIGS / f"zero{stage}.json").read_text())["zero_optimization"]
-    return {k: float(v) for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Bucket sizes (elements) of the shipped ds_configs/ preset for `stage`, and the bytes per
+    element its gradients are accumulated (`accum`) and reduced (`comm`) in."""
+    ds = json.loads((DS_CONFIGS / f"zero{stage}.json").read_text())
+    zero = ds["zero_optimization"]
+    out = {k: float(v) for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    fp32 = {"fp32": 4.0, "float32": 4.0}
+    out["accum"] = fp32.get(ds.get("data_types", {}).get("grad_accum_dtype"), 0.0)  # 0: the model's 16 bits
+    out["comm"] = fp32.get(ds.get("communication_data_type"), 0.0)
+    return out
 
 
 def per_gpu(step: Step, strategy: str, gpus: int, half: int = 2) -> dict[str, float]:
@@ -183,14 +194,18 @@ def per_gpu(step: Step, strategy: str, gpus: int, half: int = 2) -> dict[str, fl
     sharded_states = (4 + 4 + 8) * T / gpus  # fp32 master, fp32 gradient partition, Adam moments
     if strategy == "ZeRO-2":
         b = ds_buckets(2)
-        buckets = (2 * b["reduce_bucket_size"] + b["allgather_bucket_size"]) * half  # reduce: double-buffered
-        return dict(step=step.peak, states=sharded_states, buckets=buckets, host=0)
+        # reduce: double-buffered 16-bit buckets, plus an fp32 copy of the one in flight when reduced in fp32
+        buckets = ((2 * b["reduce_bucket_size"] + b["allgather_bucket_size"]) * half
+                   + b["reduce_bucket_size"] * b["comm"])
+        grad_partition = (b["accum"] or half) * T / gpus  # the reduced gradients of its partition, accumulated
+        return dict(step=step.peak, states=sharded_states + grad_partition, buckets=buckets, host=0)
     b = ds_buckets(3)
+    grad_partition = (b["accum"] or half) * T / gpus
     gathered = 2 * max(b["stage3_prefetch_bucket_size"], step.largest) * half  # the running layer + prefetch
     weights = step.weights / gpus + gathered - step.weights  # replaces the whole 16-bit copy of the simulation
-    buckets = 2 * b["reduce_bucket_size"] * half
+    buckets = 2 * b["reduce_bucket_size"] * half + b["reduce_bucket_size"] * b["comm"]
     if strategy == "ZeRO-3":
-        return dict(step=step.peak + weights, states=sharded_states, buckets=buckets, host=0)
+        return dict(step=step.peak + weights, states=sharded_states + grad_partition, buckets=buckets, host=0)
     return dict(step=step.peak + weights, states=0, buckets=buckets,  # ZeRO-3 + offload: states in host RAM
                 host=sharded_states * gpus * 1.5)  # pinned buffers on top; all local processes share the host
 
@@ -218,10 +233,12 @@ STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3+offload")
 
 
 def simulated_steps(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
-                    precision: str) -> dict[str, Step]:
+                    precision: str, checkpointing: bool = False) -> dict[str, Step]:
     """One simulated step per strategy: the loop's own for DDP, DeepSpeed's 16-bit module for ZeRO."""
-    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False)
-    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True)
+    plain = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=False,
+                     checkpointing=checkpointing)
+    ds = simulate(config, encoder_layers, decoder_layers, batch, tokens, precision, deepspeed=True,
+                  checkpointing=checkpointing)
     return {name: plain if name == "DDP" else ds for name in STRATEGIES}
 
 
@@ -231,19 +248,20 @@ def on_gpu(part: dict[str, float]) -> float:
 
 
 def plan_gib(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
-             precision: str, gpus: int = 1) -> dict[str, float]:
+             precision: str, gpus: int = 1, checkpointing: bool = False) -> dict[str, float]:
     """Allocated peak per GPU (GiB) for each strategy: what bench.gpu sets beside its measurement."""
-    steps = simulated_steps(config, encoder_layers, decoder_layers, batch, tokens, precision)
+    steps = simulated_steps(config, encoder_layers, decoder_layers, batch, tokens, precision, checkpointing)
     return {name: on_gpu(per_gpu(step, name, gpus)) / GIB for name, step in steps.items()}
 
 
 def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
-               precision: str, gpus: int = 1) -> str:
-    steps = simulated_steps(load_config(base_model), encoder_layers, decoder_layers, batch, tokens, precision)
+               precision: str, gpus: int = 1, checkpointing: bool = False) -> str:
+    steps = simulated_steps(load_config(base_model), encoder_layers, decoder_layers, batch, tokens, precision,
+                            checkpointing)
     plain = steps["DDP"]
     lines = [f"memory plan for {base_model}: {plain.params:,} parameters, {plain.trainable:,} trained "
              f"({100 * plain.trainable / plain.params:.1f} %), {precision}, {gpus} process(es), batch {batch} "
-             f"x {tokens} decoder tokens per GPU",
+             f"x {tokens} decoder tokens per GPU, gradient checkpointing {'on' if checkpointing else 'off'}",
              "  simulated: two steps of the loop's own code on fake tensors; GiB per GPU, allocated at the peak",
              f"  {'strategy':<15}{'step':>7}{'+states':>8}{'+buckets':>9}{'total':>7}{'card':>7}{'host RAM':>10}   "
              + "  ".join(f"{g} GB card" for g in CARDS_GIB)]
@@ -256,8 +274,8 @@ def plan_table(base_model: str, encoder_layers: int, decoder_layers: int, batch:
                      + "  ".join(fits))
     lines += [f"  'card': total x {1 + ALLOCATOR_SLACK:.2f} (allocator slack) + {CUDA_CONTEXT / GIB:.1f} GiB "
               "(CUDA context); 'b<=N': the largest per-GPU batch that fits the card (GB = 10^9 bytes)",
-              "  DeepSpeed rows: 16-bit module, fp32 master/gradients/Adam sharded over processes, buckets "
-              "from ds_configs/zero{2,3}.json"]
+              "  DeepSpeed rows: 16-bit module, fp32 master/gradients/Adam and the accumulated gradient partition "
+              "sharded over processes, buckets and accumulation/reduce dtypes from ds_configs/zero{2,3}.json"]
     return "\n".join(lines)
 
 
