@@ -276,3 +276,38 @@ def test_a_restart_before_the_first_checkpoint_starts_a_fresh_metrics_log(four_s
     train_steps = [r["step"] for r in map(json.loads, open(out / "r" / "metrics.jsonl")) if "train/loss" in r]
     assert train_steps == [1, 2]  # main: 1, 2, 3, 4, 1, 2
     assert [json.loads(line)["step"] for line in open(out / "r" / "sample_keys.rank0.jsonl")] == [1, 2]
+
+
+def test_a_deepspeed_checkpoint_of_another_world_size_is_refused_naming_what_works(four_steps, tmp_path):
+    # issue 22.11: main loaded it, failed inside DeepSpeed and advised "resume from an older checkpoint"
+    from types import SimpleNamespace
+
+    from wdx.config import TrainConfig
+
+    out = copy_run(four_steps, tmp_path)
+    ck = out / "r" / "checkpoints" / "step-0000004"
+    state = json.loads((ck / checkpoint.STATE_FILE).read_text())
+    (ck / checkpoint.STATE_FILE).write_text(json.dumps({**state, "world_size": 2}))
+    cfg = TrainConfig(dataset_root="x", run_name="r", output_dir=str(out), resume_from_checkpoint=str(ck))
+    zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    accelerator = SimpleNamespace(num_processes=1, state=zero2)
+    fingerprint = json.loads((ck / checkpoint.FINGERPRINT_FILE).read_text())
+    (ck / checkpoint.MANIFEST_FILE).unlink()
+    checkpoint.write_manifest(ck)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train_loop.resume_state(cfg, accelerator, None, fingerprint, {})
+    assert str(err.value) == (f"{ck}: written by 2 processes under DeepSpeed, whose optimizer shards only load on as "
+                              "many; this run has 1. Resume with 2 processes, or write its weights with them "
+                              f"(--export {ck}) and start a new run with --base-model RUN/final")
+
+
+def test_warmup_beyond_the_run_is_said_and_a_pipe_root_without_braces_is_named(tiny_dataset, tiny_model, tmp_path,
+                                                                                capsys):
+    assert train_loop.main(argv(tiny_dataset, tiny_model, tmp_path, "w", "--warmup-steps", "50", "--max-steps", "4",
+                                "--print-config")) == 0
+    out = capsys.readouterr().out
+    assert "--warmup-steps 50: the run has 4 optimizer steps; the learning rate never reaches" in out
+    assert train_loop.main(argv("pipe:cat data/train.tar", tiny_model, tmp_path, "p")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train_loop.py: error: --dataset-root 'pipe:cat data/train.tar': a pipe: root must contain '{}' where the "
+        "file path goes (e.g. 'pipe:aws s3 cp s3://bucket/data/{} -')")

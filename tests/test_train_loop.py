@@ -211,3 +211,23 @@ def test_early_stopping_saves_stops_and_final_holds_the_best_weights(tiny_datase
     name = f"model.decoder.layers.{3}.fc1.weight"  # a trained tensor
     assert torch.equal(final[name], best[name]) and not torch.equal(final[name], last[name])
     assert "weights of step 3, the best evaluation by loss" in (run / "final" / "README.md").read_text()
+
+
+def test_the_best_is_any_improvement_and_the_threshold_only_spends_patience(capsys):
+    # issue 22.2: main kept 0.200 as the best of 0.200, 0.195, 0.192, 0.191 (threshold 0.01) and put it in final/
+    from wdx.checkpoint import TrainState
+    from wdx.config import parse_args
+
+    cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--early-stopping-patience", "3",
+                      "--early-stopping-threshold", "0.01"])
+    state, verdicts = TrainState(), []
+    for step, cer in enumerate([0.200, 0.195, 0.192, float("nan"), 0.191], start=1):
+        state.step = step
+        evaluation = {"results": {"all": {"cer": cer, "wer": cer}}, "loss": 1.0}
+        verdicts.append(train_loop.judge(cfg, state, evaluation, False))
+    assert verdicts == [(True, False), (True, False), (True, False), (False, False), (True, True)]
+    assert (state.best_step, state.best_metric, state.evals_without_improvement) == (5, 0.191, 3)
+    for bad in (["--early-stopping-threshold", "-0.1"], ["--early-stopping-patience", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--dataset-root", "x", "--run-name", "x", *bad])
+        assert f"--{bad[0][2:]}: must be >= 0" in capsys.readouterr().err
