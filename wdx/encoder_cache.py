@@ -83,7 +83,7 @@ def code_sha256() -> str:
     parts = [inspect.getsource(m) for m in (audio, features, text)]
     parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.group_members,
                                              data.split_member_name, model_input)]
-    parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, data.MEMBER_TYPES)))
+    parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
