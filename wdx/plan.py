@@ -292,3 +292,23 @@ def _states_in_step(step: Step, strategy: str) -> float:
     """Bytes of the simulated peak that do not grow with the batch: weights, and for the
     non-DeepSpeed step fp32 gradients and Adam moments of the trained parameters."""
     return step.weights + (0 if strategy != "DDP" else (4 + 8) * step.trainable)
+
+
+def batch_table(base_model: str, precision: str, checkpointing: bool, tokens: tuple[int, ...] = (64, 128, 256, 448)
+                ) -> str:
+    """The README's table: the largest per-GPU batch by card, decoder tokens, 1 GPU (DDP preset) and 4 (ZeRO-2)."""
+    config = load_config(base_model)
+    head = " | ".join(f"{g} GB" for g in CARDS_GIB)
+    lines = [f"| decoder tokens | 1 GPU, DDP preset: {head} | 4 GPUs, ZeRO-2: {head} |",
+             "|---:|" + "---:|" * 2 * len(CARDS_GIB)]
+    for t in tokens:
+        steps = simulated_steps(config, 4, 4, 8, t, precision, checkpointing)
+        cells = largest_batches(steps["DDP"], "DDP", 1, 8) + largest_batches(steps["ZeRO-2"], "ZeRO-2", 4, 8)
+        lines.append(f"| {t} | " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m wdx.plan [--gradient-checkpointing]: the README's largest-batch tables
+    import sys
+
+    print(batch_table("openai/whisper-large-v3", "bf16", "--gradient-checkpointing" in sys.argv[1:]))
