@@ -199,11 +199,7 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerpr
         return fresh
     checkpoint.check_fingerprint(resume, fingerprint)
     state = checkpoint.TrainState.load(resume)
-    if zero_stage(accelerator) and state.world_size != accelerator.num_processes:
-        raise checkpoint.CheckpointError(
-            f"{resume}: written by {state.world_size} processes under DeepSpeed, whose optimizer shards only load "
-            f"on as many; this run has {accelerator.num_processes}. Resume with {state.world_size} processes, or "
-            f"write its weights with them (--export {resume}) and start a new run with --base-model RUN/final")
+    check_world_size(accelerator, resume, state)
     checkpoint.load(accelerator, resume)
     # the optimizer's lr was restored as the old schedule left it (0 at the end of a run resumed with a
     # larger --max-steps): recompute it from this run's schedule at the restored step
@@ -223,10 +219,20 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerpr
     return state
 
 
+def check_world_size(accelerator: Accelerator, path: Path, state: checkpoint.TrainState) -> None:
+    """DeepSpeed's sharded optimizer state loads only on the number of processes that wrote it."""
+    if zero_stage(accelerator) and state.world_size != accelerator.num_processes:
+        raise checkpoint.CheckpointError(
+            f"{path}: written by {state.world_size} processes under DeepSpeed, whose optimizer shards only load "
+            f"on as many; this run has {accelerator.num_processes}. Resume with {state.world_size} processes, or "
+            f"write its weights with them (--export {path}) and start a new run with --base-model RUN/final")
+
+
 def export(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, fingerprint: dict,
            config_json: str) -> int:
     """--export CHECKPOINT: load it and write final/."""
     checkpoint.check_fingerprint(cfg.export, fingerprint)
+    check_world_size(accelerator, Path(cfg.export), checkpoint.TrainState.load(cfg.export))
     checkpoint.load(accelerator, Path(cfg.export))
     write_final(accelerator, model, whisper.tokenizer, whisper.feature_extractor, Path(cfg.run_dir) / "final",
                 config_json, None)
