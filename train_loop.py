@@ -202,8 +202,11 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerpr
     check_world_size(accelerator, resume, state)
     checkpoint.load(accelerator, resume)
     # the optimizer's lr was restored as the old schedule left it (0 at the end of a run resumed with a
-    # larger --max-steps): recompute it from this run's schedule at the restored step
+    # larger --max-steps), its peak as the old --learning-rate: recompute both from this run's flags
     base = getattr(scheduler, "scheduler", scheduler)
+    if any(lr != cfg.learning_rate for lr in base.base_lrs):
+        log.info("--learning-rate %g replaces the checkpoint's %g", cfg.learning_rate, base.base_lrs[0])
+    base.base_lrs = [cfg.learning_rate] * len(base.base_lrs)
     base.last_epoch -= 1
     base.step()
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,

@@ -311,3 +311,12 @@ def test_warmup_beyond_the_run_is_said_and_a_pipe_root_without_braces_is_named(t
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "train_loop.py: error: --dataset-root 'pipe:cat data/train.tar': a pipe: root must contain '{}' where the "
         "file path goes (e.g. 'pipe:aws s3 cp s3://bucket/data/{} -')")
+
+
+def test_a_resume_follows_this_run_s_learning_rate_and_schedule(four_steps, tiny_dataset, tiny_model, tmp_path):
+    # the checkpoint's scheduler held the old peak lr and the old schedule's last lr (0 at the end of 4 steps)
+    out = copy_run(four_steps, tmp_path)
+    assert resume(tiny_dataset, tiny_model, out, "--max-steps", "6", "--learning-rate", "5e-4",
+                  "--lr-scheduler-type", "constant_with_warmup") == 0
+    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, open(out / "r" / "metrics.jsonl")) if "train/lr" in r}
+    assert lrs[5] == lrs[6] == 5e-4
