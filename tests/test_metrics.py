@@ -23,7 +23,8 @@ def test_wer_on_words_after_punctuation_removal():
 def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
     assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "n": 1, "sub": 0.0,
-                                 "del": 0.0, "ins": 0.0, "runaway": 0}
+                                 "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0, "misread_words": 0,
+                                 "misread_faithful": None, "misread_repaired": None, "misread_other": None}
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
     assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 7, "(no", "samples)"]
 
@@ -69,3 +70,20 @@ def test_paired_comparison_tells_a_real_gain_from_noise():
     assert better["all"]["diff"] < 0 and better["all"]["diff_hi"] < 0 and better["all"]["real"]
     assert better["normal"]["n"] == better["dyslexic"]["n"] == 100
     assert compare(rows(3), rows(7)) == better  # seeded
+
+
+def test_misread_words_are_counted_faithful_repaired_or_other_exactly():
+    # issue 23.3: target A B C D, said A' B C' D' plus a filler; hyp keeps A', repairs C' to C, writes X for D'
+    # and drops the filler (an insertion left out reads as the target: repaired)
+    from wdx.metrics import fidelity, misreads
+
+    target = "오늘 학교에서 노래를 불렀어요"
+    said, hyp = "오느 학교에서 음 누래를 불렀서요", "오느 학교에서 노래를 볼렀어"
+    assert misreads(target, said, hyp) == {"misread": 4, "faithful": 1, "repaired": 2, "other": 1}
+    assert misreads(target, target, target) == {"misread": 0, "faithful": 0, "repaired": 0, "other": 0}
+    rows = [{"target": target, "ref": said, "hyp": hyp}, {"ref": "가", "hyp": "가"}]
+    assert fidelity(rows) == {"misread_utts": 1, "misread_words": 4, "misread_faithful": 0.25,
+                              "misread_repaired": 0.5, "misread_other": 0.25}
+    # no target text anywhere: not available, never zero
+    assert fidelity(rows[1:]) == {"misread_utts": 0, "misread_words": 0, "misread_faithful": None,
+                                  "misread_repaired": None, "misread_other": None}

@@ -8,7 +8,9 @@ dominate the error). WER is on words after punctuation removal. Scores are corpu
 Beside each CER its anatomy: substitutions, deletions and insertions as fractions of the
 reference characters (they add up to the CER), and the runaway count: hypotheses more than
 twice as long as their reference, or cut off at the token limit (the repetition loops
-fine-tuned Whisper models are known for). And a 95 % bootstrap interval for each CER
+fine-tuned Whisper models are known for). Where a sample carries the text the reader was
+asked to read (`target_text`), misread-word fidelity (`misreads`): does the transcript keep
+what the reader said, or repair it into what they meant to read? And a 95 % bootstrap interval for each CER
 (utterances resampled with replacement, 1000 draws, seeded), and for the difference of two
 models' CER on the same utterances (paired): is a change real or noise?
 """
@@ -92,6 +94,84 @@ def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = No
             "runaway": sum(p[4] for p in pairs)}
 
 
+def _distance(a: str, b: str) -> float:
+    """Character edit distance of two words over the longer one's length: 0 equal, 1 nothing shared."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1] / max(len(a), len(b), 1)
+
+
+def _word_pairs(ref: list[str], hyp: list[str]) -> list[tuple[int | None, int | None]]:
+    """(ref index, hyp index) of a word alignment; None on the side a word is missing from.
+
+    A plain word alignment (jiwer's) prices every substitution alike, so "음 누래를" against
+    "노래를" may pair the filler with the word; here a substitution costs the two words'
+    character distance (0..1) and an insertion or deletion 1, so a misread word pairs with
+    its nearest spelling.
+    """
+    n, m = len(ref), len(hyp)
+    cost = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        cost[i][0] = float(i)
+    for j in range(1, m + 1):
+        cost[0][j] = float(j)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i][j] = min(cost[i - 1][j] + 1, cost[i][j - 1] + 1,
+                             cost[i - 1][j - 1] + _distance(ref[i - 1], hyp[j - 1]))
+    pairs, i, j = [], n, m
+    while i or j:  # back-trace, preferring the diagonal
+        if i and j and cost[i][j] == cost[i - 1][j - 1] + _distance(ref[i - 1], hyp[j - 1]):
+            i, j = i - 1, j - 1
+            pairs.append((i, j))
+        elif i and cost[i][j] == cost[i - 1][j] + 1:
+            i -= 1
+            pairs.append((i, None))
+        else:
+            j -= 1
+            pairs.append((None, j))
+    return pairs[::-1]
+
+
+def misreads(target: str, said: str, hyp: str) -> dict[str, int]:
+    """Misread-word fidelity of one utterance: {"misread", "faithful", "repaired", "other"}.
+
+    A misread word is a word of what was said (the reference) that does not match the text the
+    reader was given, in a word alignment of the two: a substitution ("오느" for "오늘"), or an
+    insertion (a filler, a repeated fragment, an abandoned attempt before a self-correction).
+    The hypothesis is aligned to what was said, and each misread word is `faithful` when the
+    hypothesis has it as said, `repaired` when the hypothesis has the target word instead (for
+    an insertion: when it left the word out, which reads as the intended text), else `other`.
+    Target words the reader skipped are not counted. Words as in WER (punctuation removed).
+    """
+    t, s, h = (normalize_for_wer(x).split() for x in (target, said, hyp))
+    by_said = {si: hi for si, hi in _word_pairs(s, h) if si is not None}
+    out = {"misread": 0, "faithful": 0, "repaired": 0, "other": 0}
+    for ti, si in _word_pairs(t, s):
+        if si is None or (ti is not None and t[ti] == s[si]):
+            continue  # a skipped target word, or one read right
+        out["misread"] += 1
+        written = h[by_said[si]] if by_said.get(si) is not None else None
+        intended = t[ti] if ti is not None else None  # an inserted word's intended form is no word at all
+        out["faithful" if written == s[si] else "repaired" if written == intended else "other"] += 1
+    return out
+
+
+def fidelity(rows: list[dict]) -> dict[str, float | int | None]:
+    """Misread-word fidelity summed over the rows that carry a `target` text: the number of
+    utterances and misread words, and the shares faithful / repaired / other. Without any
+    target text the shares are None ("n/a"), never zero."""
+    counts = [misreads(r["target"], r["ref"], r["hyp"]) for r in rows if r.get("target")]
+    total = {k: sum(c[k] for c in counts) for k in ("misread", "faithful", "repaired", "other")}
+    shares = {f"misread_{k}": (total[k] / total["misread"] if total["misread"] else None)
+              for k in ("faithful", "repaired", "other")}
+    return {"misread_utts": len(counts), "misread_words": total["misread"], **shares}
+
+
 def by_domain(rows: list[dict]) -> dict[str, dict[str, float]]:
     """{"normal": {...}, "dyslexic": {...}, "all": {...}} from rows with ref, hyp, domain.
 
@@ -101,8 +181,8 @@ def by_domain(rows: list[dict]) -> dict[str, dict[str, float]]:
     for r in rows:
         groups[r["domain"]].append(r)
     def rates(group: list[dict]) -> dict[str, float]:
-        return error_rates([r["ref"] for r in group], [r["hyp"] for r in group],
-                           [r.get("capped", False) for r in group])
+        return {**error_rates([r["ref"] for r in group], [r["hyp"] for r in group],
+                              [r.get("capped", False) for r in group]), **fidelity(group)}
 
     out = {d: rates(groups[d]) for d in DOMAINS}
     out["all"] = rates(rows)
@@ -135,6 +215,15 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
             ci = f"{r['cer_lo']:.4f}-{r['cer_hi']:.4f}"
             lines.append(f"{name:<10} {r['n']:>6} {r['cer']:>8.4f} {ci:>15} {r['sub']:>7.4f} {r['del']:>7.4f} "
                          f"{r['ins']:>7.4f} {r['wer']:>8.4f} {r['runaway']:>8}")
+    lines.append("misread words (said unlike the target_text; written as said / repaired to the target / other):")
+    for name, r in results.items():
+        if not r.get("misread_utts"):
+            lines.append(f"{name:<10} {'n/a':>6}   (no sample with target_text)")
+        elif not r["misread_words"]:
+            lines.append(f"{name:<10} {0:>6}   (no misread word in {r['misread_utts']} utterances)")
+        else:
+            lines.append(f"{name:<10} {r['misread_words']:>6} faithful {r['misread_faithful']:.3f}  repaired "
+                         f"{r['misread_repaired']:.3f}  other {r['misread_other']:.3f}  ({r['misread_utts']} utts)")
     return "\n".join(lines)
 
 
@@ -160,8 +249,24 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict[str, dict[str, float
         cer_a, cer_b = float(edits_a.sum() / lengths.sum()), float(edits_b.sum() / lengths.sum())
         lo, hi = bootstrap_interval(edits_a, lengths, edits_b)
         out[name] = {"n": len(lengths), "cer_a": cer_a, "cer_b": cer_b, "diff": cer_b - cer_a, "diff_lo": lo,
-                     "diff_hi": hi, "real": bool(lo > 0 or hi < 0)}
+                     "diff_hi": hi, "real": bool(lo > 0 or hi < 0), **compare_fidelity(group)}
     return out
+
+
+def compare_fidelity(pairs: list[tuple[dict, dict]]) -> dict:
+    """The share of misread words written as said, A and B, and the paired bootstrap interval
+    of B - A over the utterances with a target text; None where there is none ("n/a")."""
+    counts = [(misreads(a["target"], a["ref"], a["hyp"]), misreads(b["target"], b["ref"], b["hyp"]))
+              for a, b in pairs if a.get("target")]
+    words = np.asarray([ca["misread"] for ca, _ in counts], dtype=np.float64)
+    if not words.sum():
+        return {"faithful_a": None, "faithful_b": None, "faithful_diff": None}
+    kept_a = np.asarray([ca["faithful"] for ca, _ in counts], dtype=np.float64)
+    kept_b = np.asarray([cb["faithful"] for _, cb in counts], dtype=np.float64)
+    lo, hi = bootstrap_interval(kept_a, words, kept_b)
+    fa, fb = float(kept_a.sum() / words.sum()), float(kept_b.sum() / words.sum())
+    return {"faithful_a": fa, "faithful_b": fb, "faithful_diff": fb - fa, "faithful_lo": lo, "faithful_hi": hi,
+            "faithful_real": bool(lo > 0 or hi < 0)}
 
 
 def format_comparison(table: dict[str, dict[str, float]], a: str, b: str) -> str:
@@ -174,4 +279,12 @@ def format_comparison(table: dict[str, dict[str, float]], a: str, b: str) -> str
         verdict = "a real difference" if r["real"] else "within noise"
         lines.append(f"{name:<10} {r['n']:>6} {r['cer_a']:>8.4f} {r['cer_b']:>8.4f} {r['diff']:>+8.4f} "
                      f"{r['diff_lo']:>+8.4f}..{r['diff_hi']:>+7.4f}   {verdict}")
+    lines.append("misread words written as said (faithful share), B against A:")
+    for name, r in table.items():
+        if r.get("faithful_diff") is None:
+            lines.append(f"{name:<10} n/a (no misread word with a target_text)")
+            continue
+        verdict = "a real difference" if r["faithful_real"] else "within noise"
+        lines.append(f"{name:<10} A {r['faithful_a']:.3f}  B {r['faithful_b']:.3f}  B - A {r['faithful_diff']:+.3f} "
+                     f"({r['faithful_lo']:+.3f}..{r['faithful_hi']:+.3f})   {verdict}")
     return "\n".join(lines)
