@@ -41,7 +41,7 @@ def test_demo_dataset_is_deterministic_balanced_and_held_out(tmp_path):
     unseen_meta = [json.loads(v) for k, v in texts(a, "val_unseen").items() if k.endswith(".json")]
     assert sorted(m["domain"] for m in train_meta) == ["dyslexic"] * 5 + ["normal"] * 5
     assert sorted(m["domain"] for m in unseen_meta) == ["dyslexic"] * 2 + ["normal"] * 2
-    sentences = [{m["intended"] for m in meta} for meta in (train_meta, val_meta, unseen_meta)]
+    sentences = [{m["target_text"] for m in meta} for meta in (train_meta, val_meta, unseen_meta)]
     assert len(set.union(*sentences)) == 10 + 4 + 4  # no sentence in two splits
     # val_small is read by training voices; val_unseen only by voices training never heard
     voices = [{m["speaker"] for m in meta} for meta in (train_meta, val_meta, unseen_meta)]

@@ -214,3 +214,28 @@ def test_a_truncated_model_directory_is_one_line_for_every_tool(tiny_final, tmp_
         assert export_ct2.main([str(bad), str(tmp_path / "ct2")]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("wdx.export_ct2: error: ") and "\n" not in err, err
+
+
+def test_misread_fidelity_comes_from_target_text_in_lists_and_datasets(tiny_final, tmp_path, make_split, capsys):
+    # issue 23.3: the json field `target_text` (wdx.pack takes it as a manifest column) reaches the evaluation
+    from tests.conftest import make_sample
+
+    paths = clips(tmp_path, 2)
+    listing = tmp_path / "list.jsonl"
+    rows = [{"audio_path": paths[0].name, "text": "오느 학교에서", "domain": "dyslexic", "target_text": "오늘 학교에서"},
+            {"audio_path": paths[1].name, "text": "안녕", "domain": "normal"}]
+    listing.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "r.json"
+    assert evaluate.main([tiny_final, "--list", str(listing), "--max-new-tokens", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert (results["dyslexic"]["misread_utts"], results["dyslexic"]["misread_words"]) == (1, 1)
+    assert results["normal"]["misread_utts"] == 0 and results["normal"]["misread_faithful"] is None
+    table = capsys.readouterr().out
+    assert "misread words (said unlike the target_text" in table and "normal        n/a" in table
+    sample = make_sample("d0", text="오느 학교에서", domain="dyslexic", seconds=1.0)
+    sample["json"] = json.dumps({"domain": "dyslexic", "target_text": "오늘  학교에서"}).encode()
+    root = make_split("val_small", [sample, make_sample("n0", text="안녕", seconds=1.0)])
+    assert evaluate.main([tiny_final, "--dataset", root, "--max-new-tokens", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [s["target"] for s in report["samples"]] == ["오늘 학교에서", None]
+    assert report["results"]["dyslexic"]["misread_words"] == 1

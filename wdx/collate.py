@@ -86,4 +86,5 @@ class Collator:
         return dict(**encoder_input(samples), decoder_input_ids=inputs, labels=labels, label_positions=positions,
                     label_ids=targets,
                     prompt_ids=torch.tensor([self.prompts[s["domain"]] for s in samples]),
+                    target=[s.get("target") for s in samples],
                     **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})

@@ -366,7 +366,19 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
         return problem
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
-                channels=frames.shape[0])
+                channels=frames.shape[0], target=target_text(raw))
+
+
+TARGET_FIELD = "target_text"  # the sample json's text the reader was asked to read (misread-word fidelity)
+
+
+def target_text(raw: dict) -> str | None:
+    """The text the reader was given (json `target_text`), normalised as transcripts are; None
+    when the sample has none. Called after resolve_domain has vouched for the json."""
+    if "json" not in raw:
+        return None
+    value = json.loads(raw["json"].decode("utf-8")).get(TARGET_FIELD)
+    return normalize_text(value) or None if isinstance(value, str) else None
 
 
 def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:

@@ -81,7 +81,7 @@ def code_sha256() -> str:
     """A hash of the code that turns a tar sample into cached states and records: a fix there
     must not be bypassed by states made before it."""
     parts = [inspect.getsource(m) for m in (audio, features, text)]
-    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.group_members,
+    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.target_text, data.group_members,
                                              data.split_member_name, model_input)]
     parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -248,7 +248,8 @@ def read_cached(raw: dict, *, dtype: torch.dtype, shape: tuple[int, int]) -> dic
         states = torch.frombuffer(bytearray(raw["states"]), dtype=dtype).view(shape)
     except (KeyError, ValueError, RuntimeError) as exc:
         return f"corrupt_cache: {type(exc).__name__} {exc}"
-    return dict(states=states, text=meta["text"], domain=meta["domain"], duration=meta["duration"])
+    return dict(states=states, text=meta["text"], domain=meta["domain"], duration=meta["duration"],
+                target=meta.get("target"))
 
 
 class _ShardClips(torch.utils.data.IterableDataset):
@@ -278,7 +279,7 @@ class _ShardClips(torch.utils.data.IterableDataset):
                     continue
                 clips.append(result)
                 records.append({"key": raw["__key__"], "text": result["text"], "domain": result["domain"],
-                                "duration": result["duration"]})
+                                "duration": result["duration"], "target": result["target"]})
                 if len(clips) == self.batch_size:
                     yield self._batch(shard, records, clips, skips, done=False)
                     records, clips = [], []
@@ -332,7 +333,7 @@ def _write(writers: dict, path: Path, batch: dict, states: torch.Tensor | None) 
         if "skip" in record:
             writer.write({"__key__": record["key"], "skip": record["skip"].encode("utf-8")})
             continue
-        meta = {name: record[name] for name in ("text", "domain", "duration")}
+        meta = {name: record[name] for name in ("text", "domain", "duration", "target")}
         writer.write({"__key__": record["key"], "states": states[k].contiguous().view(torch.uint8).numpy().tobytes(),
                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
         k += 1

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
-from .data import ShardedSamples, make_loader
+from .data import TARGET_FIELD, ShardedSamples, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
@@ -100,8 +100,10 @@ def list_items(path: Path) -> list[dict]:
             raise InputError(f"{path}: entry {n} lacks {', '.join(missing)}")
         if row["domain"] not in DOMAINS:
             raise InputError(f"{path}: entry {n}: unknown domain {row['domain']!r}")
+        target = row.get(TARGET_FIELD)
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
-                          text=normalize_text(row["text"]), domain=row["domain"]))
+                          text=normalize_text(row["text"]), domain=row["domain"],
+                          target=normalize_text(target) or None if isinstance(target, str) else None))
     return items
 
 
@@ -172,7 +174,7 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
                 # a shard member may not
                 uid = str(s["path"]) if "path" in s else f"{s['shard']}/{s['key']}"
                 row = dict(key=s["key"], id=uid, domain=s["domain"], ref=s["text"], hyp=hyps[i],
-                           cer=cer([s["text"]], [hyps[i]]))
+                           cer=cer([s["text"]], [hyps[i]]), target=s.get("target"))
                 if compare:
                     row["hyp_by_prompt"] = {d: extra[d][i] for d in DOMAINS}
                 rows.append(row)

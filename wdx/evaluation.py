@@ -146,8 +146,9 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
     n = (batch["labels"] != IGNORE).sum()
     # cut off at the limit: no <|endoftext|> in max_new_tokens tokens (one host sync per eval batch)
     capped = ((new != eos).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
-    rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c) for k, d, r, h, c in
-            zip(batch.get("key", []), batch.get("domain", []), batch.get("text", []), decode(tokenizer, new), capped)]
+    rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c, target=t) for k, d, r, h, c, t in
+            zip(batch.get("key", []), batch.get("domain", []), batch.get("text", []), decode(tokenizer, new), capped,
+                batch.get("target", []))]
     for i, row in enumerate(rows if compare_domains else []):
         row["hyp_by_prompt"] = {row["domain"]: row["hyp"], **{ds[i]: hs[i] for ds, hs in by_prompt.values()}}
     return loss, n, rows

@@ -21,6 +21,7 @@ Deterministic from --seed.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def make_sample(index: int, words: list[str], domain: str, seed: int, voices: Vo
     audio = resample(audio, rate, target_rate)
     if channels == 2:
         audio = np.stack([audio, audio * 0.8])
-    meta = f'{{"domain": "{domain}", "speaker": "espeak-{voice}", "intended": "{" ".join(words)}"}}'
+    meta = json.dumps({"domain": domain, "speaker": f"espeak-{voice}", "target_text": " ".join(words)},
+                      ensure_ascii=False)
     return {"__key__": f"{domain}_{index:05d}", ext: encode_audio(audio, target_rate, ext),
             "txt": " ".join(said).encode("utf-8"), "json": meta.encode("utf-8")}
 
