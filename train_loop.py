@@ -58,7 +58,7 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, spl
                read_sample=None):
     """Train and eval loaders; each rank and worker reads its own samples (never prepare()d).
     `splits` and `read_sample`: the encoder cache's shards and reader, instead of the audio's."""
-    collate = Collator(whisper.tokenizer, cfg.language)
+    collate = Collator(whisper.tokenizer, cfg.language, cfg.domain_conditioning)
     encode = make_text_encoder(whisper.tokenizer, whisper.model.config.max_target_positions)
     common = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                   seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain,
@@ -102,7 +102,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
     """Whisper with the domain tokens, frozen as configured; checks what depends on its size."""
     with whole_model_init(accelerator):
         whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
-                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout)
+                                decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
+                                conditioning=cfg.domain_conditioning, rows_init=cfg.domain_rows_init, seed=cfg.seed)
     config = whisper.model.config
     for name, flag, have in (("train_encoder_layers", "--train-encoder-layers", config.encoder_layers),
                              ("train_decoder_layers", "--train-decoder-layers", config.decoder_layers)):
@@ -125,12 +126,20 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
 
 def build_optimizer(cfg: TrainConfig, groups: dict, device: torch.device) -> torch.optim.AdamW:
     """AdamW on trainable parameters only; the domain-token rows get no weight decay (they
-    start at the mean embedding and are pulled toward zero by nothing but the loss)."""
+    start near the mean embedding and are pulled toward zero by nothing but the loss) and
+    their own learning rate (--domain-rows-lr-scale)."""
     decay = [p for name, ps in groups.items() if name != "domain_token_rows" for p in ps]
-    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                    {"params": groups["domain_token_rows"], "weight_decay": 0.0}]
+    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": group_lr(cfg, "blocks"),
+                     "name": "blocks"},
+                    {"params": groups["domain_token_rows"], "weight_decay": 0.0, "lr": group_lr(cfg, "domain_rows"),
+                     "name": "domain_rows"}]
     fused = device.type in ("cuda", "cpu", "xpu", "mps")
     return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.learning_rate, fused=fused)
+
+
+def group_lr(cfg: TrainConfig, name: str) -> float:
+    """Peak learning rate of an optimizer group (`name` as build_optimizer tags it)."""
+    return cfg.learning_rate * (cfg.domain_rows_lr_scale if name == "domain_rows" else 1.0)
 
 
 def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, groups: dict,
@@ -204,9 +213,11 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerpr
     # the optimizer's lr was restored as the old schedule left it (0 at the end of a run resumed with a
     # larger --max-steps), its peak as the old --learning-rate: recompute both from this run's flags
     base = getattr(scheduler, "scheduler", scheduler)
-    if any(lr != cfg.learning_rate for lr in base.base_lrs):
-        log.info("--learning-rate %g replaces the checkpoint's %g", cfg.learning_rate, base.base_lrs[0])
-    base.base_lrs = [cfg.learning_rate] * len(base.base_lrs)
+    peaks = [group_lr(cfg, g.get("name", "blocks")) for g in base.optimizer.param_groups]
+    if peaks != base.base_lrs:
+        log.info("peak learning rates %s replace the checkpoint's %s (--learning-rate, --domain-rows-lr-scale)",
+                 peaks, base.base_lrs)
+    base.base_lrs = peaks
     base.last_epoch -= 1
     base.step()
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,

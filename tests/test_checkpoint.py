@@ -28,7 +28,7 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path):
     ck.mkdir()
     mine = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
             "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-            "frozen_sha256": "f00d"}
+            "domain_conditioning": "token", "frozen_sha256": "f00d"}
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "vocab_size": 12, "tokenizer_size": 12}))
     with pytest.raises(checkpoint.CheckpointError, match="for another model or tokenizer .*vocab_size 12 vs 10"):
         checkpoint.check_fingerprint(ck, mine)
@@ -42,7 +42,7 @@ def test_a_checkpoint_trained_on_other_frozen_weights_or_another_freeze_is_refus
     ck.mkdir()
     mine = {"base_model": "b", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
             "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-            "frozen_sha256": "f00d"}
+            "domain_conditioning": "token", "frozen_sha256": "f00d"}
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "a", "frozen_sha256": "beef"}))
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.check_fingerprint(ck, mine)

@@ -222,7 +222,8 @@ def test_misread_fidelity_comes_from_target_text_in_lists_and_datasets(tiny_fina
 
     paths = clips(tmp_path, 2)
     listing = tmp_path / "list.jsonl"
-    rows = [{"audio_path": paths[0].name, "text": "오느 학교에서", "domain": "dyslexic", "target_text": "오늘 학교에서"},
+    rows = [{"audio_path": paths[0].name, "text": "오느 학교에서", "domain": "dyslexic",
+             "target_text": "오늘 학교에서"},
             {"audio_path": paths[1].name, "text": "안녕", "domain": "normal"}]
     listing.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = tmp_path / "r.json"

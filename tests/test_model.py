@@ -21,7 +21,7 @@ def test_domain_tokens_get_ids_at_or_above_the_model_vocab_and_nothing_shrinks(t
     assert torch.equal(emb[:vocab], base.get_input_embeddings().weight)  # old rows untouched
     mean = base.get_input_embeddings().weight.mean(0)
     rows = w.model.model.decoder.embed_tokens.domain_rows  # the rows that train: their own parameter
-    assert rows.shape == (2, w.model.config.d_model) and torch.allclose(rows, mean.expand(2, -1))
+    assert rows.shape == (2, w.model.config.d_model) and torch.allclose(rows, mean.expand(2, -1))  # rows_init 0
     assert w.model.proj_out.weight is emb and w.model.proj_out.domain_rows is rows  # still tied, both of them
     assert not emb.requires_grad and rows.requires_grad
     # the filled-in ids are the timestamps the tokenizer was missing, by their real names
@@ -184,3 +184,31 @@ def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, m
     live.peak -= before
     assert n >= 2 * 60 and live.peak < n * vocab * 4 / 2
     assert hidden.grad is not None and w.model.proj_out.domain_rows.grad is not None
+
+
+def test_the_two_domain_rows_differ_at_step_0_by_the_chosen_spread(tiny_model):
+    # issue 23.2: both rows used to start at the mean row, so the decoder could not tell the domains apart
+    base = WhisperForConditionalGeneration.from_pretrained(tiny_model).get_input_embeddings().weight
+    w, _ = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, rows_init=1.0, seed=3)
+    rows = w.model.model.decoder.embed_tokens.domain_rows.detach()
+    noise = (rows - base.mean(0)) / base.std(0)
+    assert not torch.equal(rows[0], rows[1]) and abs(noise.std().item() - 1.0) < 0.15
+    again, _ = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, rows_init=1.0, seed=3)
+    assert torch.equal(again.model.model.decoder.embed_tokens.domain_rows, rows.requires_grad_())  # seeded
+
+
+def test_without_domain_conditioning_the_prompt_has_four_tokens_and_nothing_is_added(tiny_model):
+    from wdx.collate import Collator
+
+    base_tok = AutoTokenizer.from_pretrained(tiny_model)
+    w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, conditioning="none")
+    assert not w.domain_token_ids and not groups["domain_token_rows"]
+    assert not any(t in w.tokenizer.get_vocab() for t in DOMAIN_TOKENS)
+    assert w.model.get_input_embeddings().weight.shape[0] == w.model.config.vocab_size >= len(base_tok)
+    batch = Collator(w.tokenizer, "ko", "none")([{"audio": np.zeros(160, np.float32), "text": "안녕",
+                                                 "domain": "dyslexic", "key": "k", "duration": 0.01}])
+    sot, ko, transcribe, nots = w.tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|ko|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert batch["prompt_ids"].tolist() == [[sot, ko, transcribe, nots]]
+    assert batch["decoder_input_ids"][0, :4].tolist() == [sot, ko, transcribe, nots]
+    assert (batch["labels"][0, :3] == -100).all() and batch["labels"][0, 3] != -100  # the text's first token

@@ -231,3 +231,37 @@ def test_the_best_is_any_improvement_and_the_threshold_only_spends_patience(caps
         with pytest.raises(SystemExit):
             parse_args(["--dataset-root", "x", "--run-name", "x", *bad])
         assert f"--{bad[0][2:]}: must be >= 0" in capsys.readouterr().err
+
+
+def test_a_model_without_domain_conditioning_trains_resumes_exports_and_transcribes(tiny_dataset, tiny_model,
+                                                                                    tmp_path, capsys):
+    # issue 23.1: the baseline that measures what the token adds, usable by every tool
+    import shutil
+
+    from tests.test_evaluate import clips
+    from wdx import export_ct2, transcribe
+
+    extra = ["--domain-conditioning", "none", "--max-steps", "4", "--num-workers", "0"]
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "none", *extra)) == 0
+    run, again = tmp_path / "none", tmp_path / "again"
+    shutil.copytree(run / "checkpoints" / "step-0000002", again / "checkpoints" / "step-0000002")
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "again", *extra, "--resume-from-checkpoint",
+                                "latest")) == 0
+    got, want = losses(again), losses(run)
+    assert got == pytest.approx({3: want[3], 4: want[4]}, abs=1e-6)
+    capsys.readouterr()
+    assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "again", "--num-workers", "0",
+                                "--resume-from-checkpoint", "latest")) == 2
+    assert "trained with --domain-conditioning none, this run has token" in capsys.readouterr().err
+    final = run / "final"
+    assert json.loads((final / "config.json").read_text())["domain_conditioning"] == "none"
+    assert "Trained without a domain token" in (final / "README.md").read_text()
+    (clip,) = clips(tmp_path, 1)
+    assert transcribe.main([str(final), str(clip), "--max-new-tokens", "2"]) == 0
+    assert transcribe.main([str(final), str(clip), "--domain", "dyslexic"]) == 1
+    assert capsys.readouterr().err.strip().endswith("has no domain token (trained with --domain-conditioning none, "
+                                                    "or not by train_loop.py); drop --domain")
+    ct2 = export_ct2.export(final, tmp_path / "ct2", quantization="int8")
+    prompts = json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text())
+    assert list(prompts) == ["none"] and len(prompts["none"]["ids"]) == 4
+    assert transcribe.main([str(ct2), str(clip), "--backend", "ct2", "--max-new-tokens", "2"]) == 0

@@ -248,7 +248,9 @@ def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:
     return removed
 
 
-FREEZE_FLAGS = {"train_encoder_layers": "--train-encoder-layers", "train_decoder_layers": "--train-decoder-layers"}
+# what a checkpoint was trained with that a resume must repeat, by the flag that sets it
+FREEZE_FLAGS = {"train_encoder_layers": "--train-encoder-layers", "train_decoder_layers": "--train-decoder-layers",
+                "domain_conditioning": "--domain-conditioning"}
 
 
 def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decoder_layers: int) -> dict:
@@ -258,6 +260,7 @@ def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decod
             "d_model": c.d_model, "encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers,
             "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(whisper.tokenizer), "domain_rows": DOMAIN_ROWS,
             "train_encoder_layers": train_encoder_layers, "train_decoder_layers": train_decoder_layers,
+            "domain_conditioning": getattr(c, "domain_conditioning", "token"),
             "frozen_sha256": whisper.frozen_sha256}
 
 

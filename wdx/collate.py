@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .data import pad_audio
-from .domains import domain_token
+from .domains import DOMAINS, domain_token
 from .model import PROMPT_TOKENS, max_text_tokens
 
 IGNORE = -100
@@ -29,9 +29,10 @@ def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, flat[positions]
 
 
-def prompt_ids(tokenizer, language: str, domain: str) -> list[int]:
-    """The five prompt ids: the same at training, evaluation and inference."""
-    tokens = [t.format(language=language) for t in PROMPT_TOKENS] + [domain_token(domain)]
+def prompt_ids(tokenizer, language: str, domain: str | None) -> list[int]:
+    """The prompt ids: the same at training, evaluation and inference. Five with the domain
+    token; four for `domain=None` (a model trained with --domain-conditioning none)."""
+    tokens = [t.format(language=language) for t in PROMPT_TOKENS] + ([domain_token(domain)] if domain else [])
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if tokenizer.unk_token_id in ids and tokenizer.unk_token not in tokens:
         raise ValueError(f"tokenizer lacks one of {tokens}")
@@ -64,8 +65,8 @@ class Collator:
     """Samples -> {audio (or encoder_states), decoder_input_ids, labels, label_positions, label_ids, domain, text,
     key, ...}."""
 
-    def __init__(self, tokenizer, language: str) -> None:
-        self.prompts = {d: prompt_ids(tokenizer, language, d) for d in ("normal", "dyslexic")}
+    def __init__(self, tokenizer, language: str, conditioning: str = "token") -> None:
+        self.prompts = {d: prompt_ids(tokenizer, language, d if conditioning == "token" else None) for d in DOMAINS}
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.tokenizer = tokenizer
 
@@ -78,7 +79,7 @@ class Collator:
         width = max(len(s) for s in seqs) - 1
         inputs = torch.full((len(seqs), width), self.eot, dtype=torch.long)
         labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        n_prompt = len(PROMPT_TOKENS) + 1
+        n_prompt = len(self.prompts[DOMAINS[0]])
         for i, seq in enumerate(seqs):
             inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
             labels[i, n_prompt - 1: len(seq) - 1] = torch.tensor(seq[n_prompt:])

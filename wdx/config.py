@@ -61,6 +61,15 @@ class TrainConfig:
     base_model: str = opt("openai/whisper-large-v3", "hub id or local directory of a Whisper checkpoint",
                           group="model")
     language: str = opt("ko", "language token of the decoder prompt", group="model")
+    domain_conditioning: str = opt("token", "token: the decoder prompt ends with the sample's domain token; none: "
+                                            "the same recipe with the 4-token prompt and no domain rows (the "
+                                            "baseline that measures what the token adds)", choices=("token", "none"),
+                                   group="model")
+    domain_rows_init: float = opt(1.0, "the domain-token rows start at the embedding's mean row plus this many of "
+                                         "its per-dimension standard deviations of seeded Gaussian noise, each row "
+                                         "its own (0: both start identical)", group="model")
+    domain_rows_lr_scale: float = opt(1.0, "learning rate of the domain-token rows: --learning-rate times this",
+                                      group="model")
     train_encoder_layers: int = opt(4, "train the last N encoder blocks (whole blocks)", group="model")
     train_decoder_layers: int = opt(4, "train attention + MLP of the last N decoder blocks", group="model")
     dropout: float = opt(0.0, "dropout probability (set before the model is built)", group="model")
@@ -185,11 +194,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.encoder_cache and cfg.dropout > 0:
         raise ConfigError(f"--dropout {cfg.dropout}: dropout in the frozen encoder blocks would change their output "
                           "every epoch, which --encoder-cache stores once; use --dropout 0 or no --encoder-cache")
+    if cfg.domain_rows_init < 0 or cfg.domain_rows_lr_scale <= 0:
+        raise ConfigError(f"--domain-rows-init {cfg.domain_rows_init} / --domain-rows-lr-scale "
+                          f"{cfg.domain_rows_lr_scale}: the first must be >= 0, the second > 0")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"--learning-rate: must be > 0 (got {cfg.learning_rate})")
     if cfg.save_steps % cfg.eval_steps:
         raise ConfigError(f"--save-steps {cfg.save_steps} must be a multiple of --eval-steps {cfg.eval_steps}: "
                           "the best checkpoint is chosen by the eval CER at save time")
+    if cfg.compare_domains and cfg.domain_conditioning == "none":
+        raise ConfigError("--compare-domains: --domain-conditioning none trains no domain token to compare")
     if cfg.push_to_hub and cfg.hub_model_id is None:
         cfg.hub_model_id = cfg.run_name
     return cfg

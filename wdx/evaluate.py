@@ -120,6 +120,14 @@ def dir_items(folder: Path, domain: str) -> list[dict]:
     return items
 
 
+def check_domain_flags(transcriber: Transcriber, model, flags: list[str]) -> None:
+    """A model without domain tokens (trained with --domain-conditioning none, or a plain
+    Whisper) cannot be asked for a domain prompt: one line, not a silent 4-token prompt."""
+    if flags and not transcriber.has_domains:
+        raise InputError(f"{model}: has no domain token (trained with --domain-conditioning none, or not by "
+                         f"train_loop.py); drop {' and '.join(flags)}")
+
+
 def check_output(path: Path | None, flag: str = "--json") -> None:
     """Fail before any work when results could not be written at the end."""
     if path is None:
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             items = list_items(args.list) if args.list else dir_items(args.dir, args.domain)
             total, batches = len(items), file_batches(items, args.batch_size, skipped)
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
+        check_domain_flags(transcriber, args.model, ["--compare-domains"] * args.compare_domains)
         rows = run(transcriber, batches, total, args.compare_domains, args.batch_size)
         if not rows:
             where = f"{args.dataset} split {args.split}" if args.dataset else str(args.list or args.dir)

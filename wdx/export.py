@@ -59,25 +59,36 @@ def final_model(base_model: str, trained_model, trained: dict[str, torch.Tensor]
     return plain_whisper(trained_model.config, trained_model.generation_config, state)
 
 
+def prompt_lines(conditioning: str) -> list[str]:
+    """How to prompt the model, as trained."""
+    if conditioning == "none":
+        return ["Trained without a domain token (`--domain-conditioning none`, the baseline): the prompt is", "",
+                "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|>`", "",
+                "Transcribe with `python -m wdx.transcribe` from the training repository, or pass that prompt as "
+                "`decoder_input_ids` to `GenerationMixin.generate`.", ""]
+    return ["The decoder is conditioned on the speaker domain: the prompt is", "",
+            "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>`", "",
+            f"with X in {', '.join(DOMAIN_TOKENS)}. Transcribe with `python -m wdx.transcribe` from the training "
+            "repository, or pass that prompt as `decoder_input_ids` to `GenerationMixin.generate`.", ""]
+
+
 def model_card(cfg: dict, eval_results: dict | None, best: dict | None = None) -> str:
     """A short card: what the model is, how it was trained, how to prompt it, how it scored.
     `best`: {step, metric, value} when these are an earlier checkpoint's weights (early stopping)."""
     settings = {k: cfg[k] for k in ("base_model", "language", "learning_rate", "per_device_train_batch_size",
                                     "grad_accum", "num_train_epochs", "max_steps", "warmup_steps",
-                                    "lr_scheduler_type", "train_encoder_layers", "train_decoder_layers",
-                                    "mixed_precision", "seed", "metric_for_best_model", "early_stopping_patience",
-                                    "early_stopping_threshold") if k in cfg}
+                                    "lr_scheduler_type", "domain_conditioning", "train_encoder_layers",
+                                    "train_decoder_layers", "mixed_precision", "seed", "metric_for_best_model",
+                                    "early_stopping_patience", "early_stopping_threshold") if k in cfg}
     which = (f"These are the weights of step {best['step']}, the best evaluation by {best['metric']} "
              f"({best['value']:.4f}); training stopped early. " if best else "")
     table = format_table(eval_results) if eval_results else "(no evaluation was run)"
+    prompt = prompt_lines(cfg.get("domain_conditioning", "token"))
     return "\n".join([
         "---", "language: ko", "tags: [whisper, automatic-speech-recognition, dyslexia]", "---", "",
         f"# {cfg.get('run_name', 'whisper')}", "",
         f"Whisper fine-tuned from `{cfg.get('base_model')}` on Korean speech of typical and dyslexic readers. "
-        "The decoder is conditioned on the speaker domain: the prompt is",
-        "", "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>`", "",
-        f"with X in {', '.join(DOMAIN_TOKENS)}. Transcribe with `python -m wdx.transcribe` from the training "
-        "repository, or pass that prompt as `decoder_input_ids` to `GenerationMixin.generate`.", "",
+        + prompt[0], *prompt[1:],
         "## Evaluation (CER without punctuation and spaces; WER on words)", "", which + "Held-out split:", "",
         "```", table, "```", "",
         "## Training settings", "", "```json", json.dumps(settings, indent=1), "```", "",

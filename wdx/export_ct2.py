@@ -5,7 +5,8 @@
 The weights go through ctranslate2's own Transformers converter. OUT also gets the
 tokenizer (tokenizer.json, with the domain tokens), the feature extractor config (the
 number of mel bins: 128 for large-v3, 80 before it) and `domain_prompts.json`: the token
-ids each consumer must put in front of decoding, per domain. Without the domain token the
+ids each consumer must put in front of decoding, per domain (one 4-token prompt, "none",
+for a model trained with --domain-conditioning none). Without the domain token the
 model decodes as the base model would.
 """
 
@@ -62,10 +63,15 @@ def check_target(final: Path, out: Path, force: bool) -> None:
 
 
 def domain_prompts(final: Path, language: str) -> dict:
-    """{domain: {"tokens": [...], "ids": [...]}} for the prompt the model was trained with."""
+    """{domain: {"tokens": [...], "ids": [...]}} for the prompt the model was trained with; a
+    model trained with --domain-conditioning none has one prompt, under "none"."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)
+    conditioning = json.loads((final / "config.json").read_text()).get("domain_conditioning", "token")
+    if conditioning == "none":
+        ids = prompt_ids(tokenizer, language, None)
+        return {"none": {"tokens": tokenizer.convert_ids_to_tokens(ids), "ids": ids}}
     if not all(t in tokenizer.get_vocab() for t in DOMAIN_TOKENS):
         raise ExportError(f"{final}: the tokenizer has no domain tokens; not a model trained by train_loop.py")
     out = {}

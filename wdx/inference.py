@@ -21,7 +21,6 @@ from .collate import prompt_ids
 from .domains import DOMAIN_TOKENS
 from .evaluation import generate
 from .features import log_mel
-from .model import PROMPT_TOKENS
 
 BACKENDS = ("hf", "ct2")
 
@@ -40,12 +39,11 @@ class Transcriber:
             self.model.to(device).eval()
         self.device, self.language, self.max_new_tokens = torch.device(device), language, max_new_tokens
         vocab = self.tokenizer.get_vocab()
-        self.has_domains = all(t in vocab for t in DOMAIN_TOKENS)
+        conditioned = getattr(getattr(self.model, "config", None), "domain_conditioning", "token") != "none"
+        self.has_domains = conditioned and all(t in vocab for t in DOMAIN_TOKENS)
 
     def prompt(self, domain: str) -> list[int]:
-        if self.has_domains:
-            return prompt_ids(self.tokenizer, self.language, domain)
-        return self.tokenizer.convert_tokens_to_ids([t.format(language=self.language) for t in PROMPT_TOKENS])
+        return prompt_ids(self.tokenizer, self.language, domain if self.has_domains else None)
 
     @torch.no_grad()
     def __call__(self, clips: list[np.ndarray], domains: list[str]) -> list[str]:
@@ -140,7 +138,8 @@ def load(model_dir: str | Path) -> tuple[WhisperForConditionalGeneration, object
         from .model import setup
 
         cfg = json.loads((path / "train_config.json").read_text())
-        whisper, _ = setup(cfg["base_model"], language=cfg["language"], encoder_layers=0, decoder_layers=0)
+        whisper, _ = setup(cfg["base_model"], language=cfg["language"], encoder_layers=0, decoder_layers=0,
+                           conditioning=cfg.get("domain_conditioning", "token"))
         missing, unexpected = whisper.model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
         if unexpected or set(missing) - {"proj_out.weight", "proj_out.domain_rows"}:  # tied to the embedding
             raise ValueError(f"{path}: weights do not fit {cfg['base_model']} (missing {missing[:3]}, "

@@ -57,9 +57,13 @@ class DomainProjection(nn.Module):
     The weights are read only inside this module's forward, where ZeRO-3 has gathered them.
     """
 
-    def __init__(self, weight: nn.Parameter, domain_rows: nn.Parameter, first: int) -> None:
+    def __init__(self, weight: nn.Parameter, domain_rows: nn.Parameter | None, first: int) -> None:
         super().__init__()
-        self.weight, self.domain_rows, self.first = weight, domain_rows, first
+        self.weight, self.first = weight, first
+        if domain_rows is None:  # no domain tokens: an empty, unsaved stand-in keeps one code path
+            self.register_buffer("domain_rows", weight.new_zeros(0, weight.shape[1]), persistent=False)
+        else:
+            self.domain_rows = domain_rows
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,6 +188,9 @@ def install_domain_rows(model: WhisperForConditionalGeneration, first: int) -> n
     and the output projection (the way the matrix itself is tied)."""
     decoder = model.model.decoder
     weight = decoder.embed_tokens.weight
+    if first == weight.shape[0]:  # no domain rows (--domain-conditioning none): the embedding as it is
+        model.proj_out = DomainProjection(weight, None, first)
+        return model.proj_out.domain_rows
     rows = nn.Parameter(weight.detach()[first:].clone().float())
     decoder.embed_tokens = DomainEmbedding(decoder.embed_tokens, rows, first)
     model.proj_out = DomainProjection(weight, rows, first)

@@ -93,25 +93,35 @@ def fill_tokenizer_to_vocab(tokenizer, vocab_size: int) -> int:
     return missing
 
 
-def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer) -> tuple[dict[str, int], list[int]]:
-    """Give each domain token an id >= the model's vocab size and a trainable row of its own.
+def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer, tokens: tuple[str, ...] = DOMAIN_TOKENS,
+                      spread: float = 0.0, seed: int = 0) -> tuple[dict[str, int], list[int]]:
+    """Give each domain token an id >= the model's vocab size and a trainable row of its own
+    (`tokens` empty: none; the model still gets the loss's domain-row machinery, with no rows).
 
-    New rows start at the mean of the existing rows: a neutral token the decoder already
-    knows how to read, instead of a random vector of the wrong scale. A base model that
+    New rows start near the mean of the existing rows, a neutral token the decoder already
+    knows how to read, each moved by `spread` per-dimension standard deviations of seeded
+    Gaussian noise: rows that start identical get identical gradients from identical
+    prompts' neighbours and separate only as fast as the data tells them apart. A base model that
     already has them (a previous run's final/) keeps its trained rows, which train on.
     """
     vocab = model.get_input_embeddings().weight.shape[0]
     filled = fill_tokenizer_to_vocab(tokenizer, vocab)
     if filled:
         log.info("tokenizer listed %d ids fewer than the model's vocab (%d); filled them in", filled, vocab)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(DOMAIN_TOKENS)},
-                                 replace_extra_special_tokens=False)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in DOMAIN_TOKENS}
+    if not tokens:
+        size = model.get_input_embeddings().weight.shape[0]
+        install_domain_rows(model, size)
+        return {}, []
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
     if len(tokenizer) > vocab:
         with torch.no_grad():
-            mean = model.get_input_embeddings().weight.mean(dim=0)
+            old = model.get_input_embeddings().weight
+            mean, std = old.mean(dim=0), old.std(dim=0)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            model.get_input_embeddings().weight[vocab:] = mean
+            new = model.get_input_embeddings().weight[vocab:]
+            noise = torch.randn(new.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            new.copy_(mean + spread * std * noise.to(mean.dtype))
     size = model.get_input_embeddings().weight.shape[0]
     rows = sorted(ids.values())
     if rows != list(range(size - len(rows), size)):
@@ -213,11 +223,19 @@ def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, lan
         gc.is_multilingual = True
 
 
+CONDITIONINGS = ("token", "none")
+
+
 def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers: int, dropout: float = 0.0,
+          conditioning: str = "token", rows_init: float = 0.0, seed: int = 0,
           ) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
-    """Load, add domain tokens, then freeze (in that order: see the module docstring)."""
+    """Load, add domain tokens (unless `conditioning` is "none": the same recipe without
+    them, the baseline that measures what the token adds), then freeze (in that order: see
+    the module docstring). The choice is stored in the config (config.json of final/)."""
     model, tokenizer, feature_extractor = load_base(base_model, dropout)
-    ids, new_rows = add_domain_tokens(model, tokenizer)
+    ids, new_rows = add_domain_tokens(model, tokenizer, DOMAIN_TOKENS if conditioning == "token" else (),
+                                      rows_init, seed)
+    model.config.domain_conditioning = conditioning
     set_generation_config(model, tokenizer, language)
     groups = freeze_except(model, encoder_layers, decoder_layers)
     return Whisper(model, tokenizer, feature_extractor, ids, new_rows), groups

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .domains import DOMAINS
-from .evaluate import InputError, check_output, read_clip
+from .evaluate import InputError, check_domain_flags, check_output, read_clip
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
 from .tracking import quiet_libraries
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="final/ directory, HF Whisper directory, or training checkpoint")
     parser.add_argument("audio", nargs="+", type=Path, help="wav/flac/mp3/ogg/m4a files, any rate, any length "
                         "(longer than 30 s: cut at pauses, see wdx/longform.py)")
-    parser.add_argument("--domain", choices=DOMAINS, default="normal", help="domain token of the prompt")
+    parser.add_argument("--domain", choices=DOMAINS, help="domain token of the prompt (default: normal; not for a "
+                        "model without domain tokens)")
     parser.add_argument("--compare-domains", action="store_true", help="decode with every domain token")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=225)
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_output(args.json)
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
-        domains = DOMAINS if args.compare_domains else (args.domain,)
+        check_domain_flags(transcriber, args.model, ["--domain"] * bool(args.domain)
+                           + ["--compare-domains"] * args.compare_domains)
+        domains = DOMAINS if args.compare_domains else (args.domain or "normal",)
         results = []
         for i in range(0, len(args.audio), args.batch_size):
             paths, clips = [], []
