@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`{command}` ({minutes:.1f} min). Both arms: the same flags, seed, data and freeze; `none` has the 4-token "
         "prompt and no domain rows. Intervals: paired bootstrap over utterances (1000 draws); * marks an interval "
         "that excludes 0. Faithful: the share of misread words (said unlike `target_text`) the transcript keeps as "
-        "said; n/a without `target_text`.", "", *rows, ""])
+        "said; n/a where there is no misread word to count (no `target_text`, or every word read as given).", "",
+        *rows, ""])
     (args.out / "STUDY.md").write_text(text)
     (args.out / "study.json").write_text(json.dumps({"command": command, "minutes": minutes, "extra": extra,
                                                      "comparisons": comparisons}, indent=1))
