@@ -117,3 +117,16 @@ def test_export_never_deletes_the_model_its_run_or_other_files(varied_final, tmp
                                                "model.bin; --force only replaces an earlier export, never other files")
     assert (final / "model.safetensors").is_file() and (run / "checkpoints").is_dir()
     assert (other / "thesis.tex").exists()
+
+
+def test_a_space_before_the_domain_token_is_stripped_as_faster_whisper_encodes_the_prefix(varied_final, exported):
+    # issue 25.1: faster-whisper sends `" " + prefix`; main's export made that <|notimestamps|> 220 <|domain:X|>
+    from tokenizers import Tokenizer
+
+    for out in exported.values():
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        for domain, prompt in json.loads((out / export_ct2.PROMPTS_FILE).read_text()).items():
+            token = prompt["tokens"][-1]
+            assert tokenizer.encode(" " + token, add_special_tokens=False).ids == [prompt["ids"][-1]], domain
+    plain = Tokenizer.from_file(str(varied_final / "tokenizer.json"))
+    assert len(plain.encode(" <|domain:dyslexic|>", add_special_tokens=False).ids) == 2  # final/ itself: unchanged

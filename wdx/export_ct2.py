@@ -90,8 +90,23 @@ def export(final: Path, out: Path, quantization: str = "float32", language: str 
 
     TransformersConverter(str(final), copy_files=list(COPIED)).convert(str(out), quantization=quantization,
                                                                        force=force)
+    strip_space_before_domain_tokens(out / "tokenizer.json")
     (out / PROMPTS_FILE).write_text(json.dumps(prompts, ensure_ascii=False, indent=1))
     return out
+
+
+def strip_space_before_domain_tokens(path: Path) -> None:
+    """Mark the domain tokens `lstrip` in the exported tokenizer.json.
+
+    faster-whisper encodes `transcribe(prefix=P)` as `" " + P`: without lstrip the space becomes
+    its own token (220) between <|notimestamps|> and the domain token, a prompt the model never
+    saw in training; with it, `prefix="<|domain:dyslexic|>"` sends exactly the trained prompt.
+    """
+    tokenizer = json.loads(path.read_text())
+    for token in tokenizer.get("added_tokens", []):
+        if token["content"] in DOMAIN_TOKENS:
+            token["lstrip"] = True
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
 def main(argv: list[str] | None = None) -> int:
