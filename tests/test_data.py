@@ -77,7 +77,7 @@ def test_broken_samples_are_skipped_and_counted_by_reason(make_split, tmp_path, 
         make_sample("latin1", text="x") | {"txt": "한국".encode("euc-kr")},
         make_sample("blank", text="   "),
         make_sample("silent", ext="wav") | {"wav": encode_audio(np.zeros(16000, np.float32), 16000, "wav")},
-        {"__key__": "opus", "opus": b"OggS...", "txt": "가".encode(), "json": b'{"domain": "normal"}'},
+        {"__key__": "midi", "mid": b"MThd...", "txt": "가".encode(), "json": b'{"domain": "normal"}'},
     ]
     root = make_split("val_small", good(3) + bad + good(2, "h"))
     # a second shard, truncated in the middle of its third sample

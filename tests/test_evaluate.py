@@ -240,3 +240,20 @@ def test_misread_fidelity_comes_from_target_text_in_lists_and_datasets(tiny_fina
     report = json.loads(out.read_text())
     assert [s["target"] for s in report["samples"]] == ["오늘 학교에서", None]
     assert report["results"]["dyslexic"]["misread_words"] == 1
+
+
+def test_opus_webm_and_aac_are_read_by_the_tools_and_the_data_layer(tiny_final, tmp_path, make_split, capsys):
+    # issue 25.3: main refused .opus (and webm/aac), which PyAV decodes and faster-whisper reads
+    from tests.conftest import make_sample
+
+    paths = []
+    for ext, rate in (("opus", 48000), ("webm", 16000), ("aac", 22050)):
+        paths.append(tmp_path / f"clip.{ext}")
+        paths[-1].write_bytes(encode_audio(speechlike(1.0, rate, seed=len(paths)), rate, ext))
+    assert transcribe.main([tiny_final, *map(str, paths), "--max-new-tokens", "2"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [str(p) for p in paths]
+    root = make_split("val_small", [make_sample(f"s{i}", ext=ext, rate=rate, seconds=1.0)
+                                    for i, (ext, rate) in enumerate((("opus", 48000), ("aac", 16000)))])
+    out = tmp_path / "r.json"
+    assert evaluate.main([tiny_final, "--dataset", root, "--max-new-tokens", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["all"]["n"] == 2 and not json.loads(out.read_text())["skipped"]

@@ -1,7 +1,7 @@
 """Audio bytes -> mono float32 at the target rate; and the reverse, for packing and tests.
 
 soundfile (libsndfile in its wheel) decodes wav/flac/ogg/mp3; PyAV (FFmpeg in its wheel)
-decodes m4a/aac and anything libsndfile rejects. torchaudio >= 2.9 no longer decodes
+decodes m4a/aac/opus/webm and anything libsndfile rejects. torchaudio >= 2.9 no longer decodes
 files itself, so it is used for resampling only (DESIGN.md).
 """
 
@@ -16,10 +16,14 @@ import soundfile as sf
 import torch
 import torchaudio
 
-AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "m4a")
+AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "m4a", "opus", "webm", "aac")
 _SOUNDFILE_EXTENSIONS = {"wav", "flac", "mp3", "ogg"}
 _SOUNDFILE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
                       "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+# encoded through PyAV (FFmpeg): container format and codec; opus takes 8/12/16/24/48 kHz only
+_AV_FORMATS = {"m4a": ("mp4", "aac"), "aac": ("adts", "aac"), "opus": ("ogg", "libopus"), "webm": ("webm", "libopus")}
 
 
 class AudioDecodeError(ValueError):
@@ -99,11 +103,12 @@ def encode_audio(wave: np.ndarray, rate: int, ext: str) -> bytes:
         fmt, subtype = _SOUNDFILE_FORMATS[ext]
         sf.write(buf, frames.T, rate, format=fmt, subtype=subtype)
         return buf.getvalue()
-    if ext != "m4a":
+    if ext not in _AV_FORMATS:
         raise ValueError(f"cannot encode .{ext}: expected one of {', '.join(AUDIO_EXTENSIONS)}")
     layout = "mono" if frames.shape[0] == 1 else "stereo"
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=rate, layout=layout)
+    container_format, codec = _AV_FORMATS[ext]
+    with av.open(buf, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(frames, np.float32), format="fltp", layout=layout)
         frame.sample_rate = rate
         for packet in stream.encode(frame):

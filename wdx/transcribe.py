@@ -26,7 +26,8 @@ from .tracking import quiet_libraries
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.transcribe", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="final/ directory, HF Whisper directory, or training checkpoint")
-    parser.add_argument("audio", nargs="+", type=Path, help="wav/flac/mp3/ogg/m4a files, any rate, any length "
+    parser.add_argument("audio", nargs="+", type=Path,
+                        help="wav/flac/mp3/ogg/m4a/opus/webm/aac files, any rate, any length "
                         "(longer than 30 s: cut at pauses, see wdx/longform.py)")
     parser.add_argument("--domain", choices=DOMAINS, help="domain token of the prompt (default: normal; not for a "
                         "model without domain tokens)")
