@@ -23,12 +23,16 @@ def test_half_written_checkpoints_are_never_latest_and_never_push_good_ones_out(
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000008"]
 
 
+# what checkpoint.fingerprint records, for a made-up model
+FINGERPRINT = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
+               "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
+               "domain_conditioning": "token", "frozen_sha256": "f00d"}
+
+
 def test_a_checkpoint_for_another_model_is_refused(tmp_path):
     ck = tmp_path / "step-0000002"
     ck.mkdir()
-    mine = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
-            "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-            "domain_conditioning": "token", "frozen_sha256": "f00d"}
+    mine = dict(FINGERPRINT)
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "vocab_size": 12, "tokenizer_size": 12}))
     with pytest.raises(checkpoint.CheckpointError, match="for another model or tokenizer .*vocab_size 12 vs 10"):
         checkpoint.check_fingerprint(ck, mine)
@@ -40,9 +44,7 @@ def test_a_checkpoint_trained_on_other_frozen_weights_or_another_freeze_is_refus
     # issue 22.3 / 22.11: another base of the same shape (main: a warning, and final/ a hybrid of two bases)
     ck = tmp_path / "step-0000002"
     ck.mkdir()
-    mine = {"base_model": "b", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
-            "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-            "domain_conditioning": "token", "frozen_sha256": "f00d"}
+    mine = {**FINGERPRINT, "base_model": "b"}
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "a", "frozen_sha256": "beef"}))
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.check_fingerprint(ck, mine)

@@ -377,8 +377,12 @@ def target_text(raw: dict) -> str | None:
     when the sample has none. Called after resolve_domain has vouched for the json."""
     if "json" not in raw:
         return None
-    value = json.loads(raw["json"].decode("utf-8")).get(TARGET_FIELD)
-    return normalize_text(value) or None if isinstance(value, str) else None
+    return clean_target(json.loads(raw["json"].decode("utf-8")).get(TARGET_FIELD))
+
+
+def clean_target(value) -> str | None:
+    """A `target_text` value normalised as transcripts are; None when absent, empty or not a string."""
+    return (normalize_text(value) or None) if isinstance(value, str) else None
 
 
 def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:

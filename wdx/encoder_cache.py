@@ -81,8 +81,8 @@ def code_sha256() -> str:
     """A hash of the code that turns a tar sample into cached states and records: a fix there
     must not be bypassed by states made before it."""
     parts = [inspect.getsource(m) for m in (audio, features, text)]
-    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.target_text, data.group_members,
-                                             data.split_member_name, model_input)]
+    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.target_text, data.clean_target,
+                                             data.group_members, data.split_member_name, model_input)]
     parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

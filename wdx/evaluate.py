@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
-from .data import TARGET_FIELD, ShardedSamples, make_loader
+from .data import TARGET_FIELD, ShardedSamples, clean_target, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
@@ -100,10 +100,9 @@ def list_items(path: Path) -> list[dict]:
             raise InputError(f"{path}: entry {n} lacks {', '.join(missing)}")
         if row["domain"] not in DOMAINS:
             raise InputError(f"{path}: entry {n}: unknown domain {row['domain']!r}")
-        target = row.get(TARGET_FIELD)
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
                           text=normalize_text(row["text"]), domain=row["domain"],
-                          target=normalize_text(target) or None if isinstance(target, str) else None))
+                          target=clean_target(row.get(TARGET_FIELD))))
     return items
 
 

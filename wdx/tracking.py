@@ -38,8 +38,8 @@ def drop_after(path: str | Path, step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if step > 0 and _step_of(line) is not None and _step_of(line) <= step]
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line, at in zip(lines, map(_step_of, lines)) if step > 0 and at is not None and at <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
