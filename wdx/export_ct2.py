@@ -90,9 +90,29 @@ def export(final: Path, out: Path, quantization: str = "float32", language: str 
 
     TransformersConverter(str(final), copy_files=list(COPIED)).convert(str(out), quantization=quantization,
                                                                        force=force)
+    set_language_ids(out)
     strip_space_before_domain_tokens(out / "tokenizer.json")
     (out / PROMPTS_FILE).write_text(json.dumps(prompts, ensure_ascii=False, indent=1))
     return out
+
+
+def set_language_ids(out: Path) -> None:
+    """Write the language token ids into the export's config.json when the converter found none.
+
+    ctranslate2 4.8's converter reads them from `generation_config.lang_to_id` or the tokenizer's
+    `additional_special_tokens`, neither of which transformers 5 exposes, and writes `[]`: then
+    faster-whisper's language detection (its default when no `language=` is given) raises
+    IndexError.
+    """
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    config = json.loads((out / "config.json").read_text())
+    if config.get("lang_ids"):
+        return
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    ids = {token: i for i, token in enumerate(vocab)}
+    config["lang_ids"] = sorted(ids[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in ids)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def strip_space_before_domain_tokens(path: Path) -> None:

@@ -34,8 +34,16 @@ SPECIAL = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{code}|>" for code in
            "<|notimestamps|>"]
 
 
-def build_tokenizer(vocab_size: int = 600) -> WhisperTokenizer:
-    """Byte-level BPE on CORPUS, then Whisper's special tokens in Whisper's order."""
+EOT_ID = 50257  # <|endoftext|> in OpenAI's multilingual tokenizer: the text vocabulary before it
+
+
+def build_tokenizer(vocab_size: int = 600, real_ids: bool = False) -> WhisperTokenizer:
+    """Byte-level BPE on CORPUS, then Whisper's special tokens in Whisper's order.
+
+    `real_ids` pads the text vocabulary with unreachable tokens so that every special token
+    has its id in large-v3 (<|endoftext|> 50257 ... <|notimestamps|> 50364): CTranslate2 and
+    faster-whisper decide "multilingual" and find the timestamps by those ids.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -43,22 +51,27 @@ def build_tokenizer(vocab_size: int = 600) -> WhisperTokenizer:
     bpe.train_from_iterator(CORPUS * 4, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = WhisperTokenizer(vocab=model["vocab"], merges=merges)
+    vocab = model["vocab"]
+    if real_ids:
+        # id 50256 is "" in OpenAI's vocabulary; CTranslate2 loads the model as English-only otherwise
+        vocab = {**vocab, **{f"<|unused:{i}|>": i for i in range(len(vocab), EOT_ID - 1)}, "": EOT_ID - 1}
+    tok = WhisperTokenizer(vocab=vocab, merges=merges)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
     tok.set_prefix_tokens(language="ko", task="transcribe", predict_timestamps=False)
     return tok
 
 
 def build(out: str | Path, n_mels: int = 80, d_model: int = 64, layers: int = 4, heads: int = 4,
-          seed: int = 0, vocab_size: int | None = None) -> Path:
+          seed: int = 0, vocab_size: int | None = None, real_ids: bool = False) -> Path:
     """Write a loadable random-init Whisper (model, tokenizer, feature extractor) into `out`.
 
     Tiny by default; bench.gpu builds large-v3's geometry with it (d_model 1280, 32 + 32
     layers, 20 heads, 128 mel bins, `vocab_size` 51866: the model's ids beyond the small
     tokenizer are filled in by wdx.model, as for real checkpoints missing timestamps).
+    `real_ids`: large-v3's token ids (see build_tokenizer), for faster-whisper tests.
     """
     out = Path(out)
-    tok = build_tokenizer()
+    tok = build_tokenizer(real_ids=real_ids)
     sot = tok.convert_tokens_to_ids("<|startoftranscript|>")
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     config = WhisperConfig(

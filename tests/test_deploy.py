@@ -1,0 +1,142 @@
+"""faster-whisper itself on a wdx.export_ct2 directory: the trained prompt, on every window."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from faster_whisper import BatchedInferencePipeline, WhisperModel  # a test dependency (requirements-dev.txt)
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import Tokenizer
+
+from tests.conftest import speechlike
+from wdx import export_ct2
+from wdx.deploy import DomainWhisperModel, domain_suffix, pad_with_silence
+from wdx.features import log_mel
+from wdx.inference import Transcriber
+from wdx.longform import split_at_pauses
+
+DECODE = dict(language="ko", beam_size=1, temperature=0.0, suppress_blank=False)  # greedy, as wdx decodes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """final/ and its export: a tiny model with large-v3's token ids (CTranslate2 decides
+    'multilingual' by them) and weights large enough for the prompt to change the output."""
+    from wdx.model import setup
+    from wdx.tiny import build
+
+    root = tmp_path_factory.mktemp("deploy")
+    w, _ = setup(str(build(root / "base", real_ids=True)), language="ko", encoder_layers=0, decoder_layers=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in w.model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    for part in (w.model, w.tokenizer, w.feature_extractor):
+        part.save_pretrained(root / "final")
+    return root / "final", export_ct2.export(root / "final", root / "ct2")
+
+
+class Spy:
+    """The ctranslate2 model, recording every prompt it is asked to decode from."""
+
+    def __init__(self, model) -> None:
+        self.model, self.prompts = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def generate(self, features, prompts, **kwargs):
+        self.prompts += prompts
+        return self.model.generate(features, prompts, **kwargs)
+
+
+def texts(segments) -> str:
+    return " ".join(s.text.strip() for s in segments)
+
+
+def same_start(ours: str, theirs: str) -> bool:
+    """The random model never ends a transcript, so each side stops at its own length cap: every
+    token both decoded must match."""
+    short, long = sorted((ours, theirs), key=len)
+    return len(short) > 100 and long.startswith(short)
+
+
+def test_faster_whisper_loads_the_export_as_multilingual_and_prefix_sends_the_trained_prompt(trained):
+    _, ct2 = trained
+    model = WhisperModel(str(ct2), compute_type="float32")
+    assert model.model.is_multilingual  # else faster-whisper replaces language="ko" with "en" (wdx.tiny real_ids)
+    language, _, _ = model.detect_language(speechlike(2.0, 16000))  # IndexError when the export had no lang_ids
+    assert f"<|{language}|>" in model.hf_tokenizer.get_vocab()
+    tokenizer = Tokenizer(model.hf_tokenizer, True, task="transcribe", language="ko")
+    for domain, prompt in json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text()).items():
+        token = prompt["tokens"][-1]
+        assert model.get_prompt(tokenizer, [], without_timestamps=True, prefix=token) == prompt["ids"], domain
+
+
+def test_short_clips_decode_as_wdx_transcribe_does_with_each_domain(trained):
+    final, ct2 = trained
+    ours = Transcriber(final, max_new_tokens=40)
+    clips = [speechlike(1.0 + i, 16000, seed=i) for i in range(3)]
+    by_domain = {}
+    for domain in ("normal", "dyslexic"):
+        model = DomainWhisperModel(ct2, domain=domain, compute_type="float32")
+        expected = ours(clips, [domain] * len(clips))
+        for clip, text in zip(clips, expected):
+            segments, _ = model.transcribe(clip, without_timestamps=True, condition_on_previous_text=False, **DECODE)
+            theirs = texts(segments)
+            assert same_start(text, theirs), (domain, text, theirs)
+        by_domain[domain] = expected
+    assert by_domain["normal"] != by_domain["dyslexic"]
+
+
+def test_every_window_of_a_long_file_has_the_domain_prompt_sequential_and_batched(trained):
+    final, ct2 = trained
+    model = DomainWhisperModel(ct2, domain="dyslexic", compute_type="float32")
+    model.model._model = spy = Spy(model.model._model)
+    audio = np.concatenate([speechlike(20.0, 16000, seed=1), np.zeros(8000, np.float32), speechlike(20.0, 16000, 2)])
+    ours = Transcriber(final, max_new_tokens=40)
+    expected = json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text())["dyslexic"]["ids"]
+
+    segments = list(model.transcribe(audio, without_timestamps=True, condition_on_previous_text=False, **DECODE)[0])
+    assert spy.prompts == [expected, expected]  # faster-whisper's own prefix= reaches window 1 only
+    windows = [audio[:480000], audio[480000:]]  # without timestamps it steps 30 s at a time
+    for segment, text in zip(segments, ours(windows, ["dyslexic"] * 2)):
+        assert same_start(text, segment.text.strip())
+
+    spy.prompts.clear()
+    pieces = split_at_pauses(audio)  # wdx.transcribe's cuts, given to the batched pipeline
+    assert len(pieces) == 2 and abs(pieces[0][1] - 20 * 16000) < 8000
+    clip_timestamps = [{"start": a / 16000, "end": b / 16000} for a, b in pieces]
+    segments = list(BatchedInferencePipeline(model).transcribe(audio, clip_timestamps=clip_timestamps, batch_size=2,
+                                                               **DECODE)[0])
+    assert spy.prompts == [expected, expected]  # faster-whisper's batched pipeline drops prefix= altogether
+    for segment, text in zip(segments, ours([audio[a:b] for a, b in pieces], ["dyslexic"] * 2)):
+        assert same_start(text, segment.text.strip())
+
+
+def test_the_last_window_is_padded_with_silence_as_in_training(trained):
+    _, ct2 = trained
+    model = WhisperModel(str(ct2), compute_type="float32")
+    for seconds in (1.0, 7.3):
+        audio = speechlike(seconds, 16000, seed=2)
+        theirs = pad_or_trim(model.feature_extractor(audio)[..., :-1])
+        ours = log_mel(torch.from_numpy(audio)[None], 80)[0].numpy()
+        end = int(seconds * 100)  # faster-whisper drops the 2 frames whose window reaches past the audio
+        assert not theirs[:, end:].any()  # faster-whisper's own padding: 0.0
+        fixed = pad_with_silence(theirs)
+        assert np.abs(fixed - ours)[:, :end].max() < 1e-4 and np.abs(fixed - ours)[:, end + 2:].max() < 1e-6
+        assert np.array_equal(pad_with_silence(theirs[None])[0], fixed)  # a batch, item by item
+
+
+def test_wrong_domain_or_a_model_without_prompts_is_refused_in_one_line(trained, tmp_path):
+    _, ct2 = trained
+    with pytest.raises(ValueError, match=r"domain must be one of normal, dyslexic \(got 'adult'\)"):
+        domain_suffix(ct2, "adult")
+    with pytest.raises(ValueError, match="no domain_prompts.json; export the model with python -m wdx.export_ct2"):
+        domain_suffix(tmp_path, "normal")
+    (tmp_path / "domain_prompts.json").write_text(json.dumps({"none": {"tokens": [], "ids": []}}))
+    assert domain_suffix(tmp_path, None) == []
+    with pytest.raises(ValueError, match="trained without domain tokens; pass no domain"):
+        domain_suffix(tmp_path, "normal")

@@ -1,0 +1,104 @@
+"""faster-whisper on a `wdx.export_ct2` directory, prompted as the model was trained.
+
+    from faster_whisper import BatchedInferencePipeline
+    from wdx.deploy import DomainWhisperModel
+
+    model = DomainWhisperModel("export", domain="dyslexic", compute_type="int8")
+    segments, _ = model.transcribe("reading.m4a", language="ko", without_timestamps=True,
+                                   condition_on_previous_text=False)
+    segments, _ = BatchedInferencePipeline(model).transcribe("reading.m4a", language="ko", batch_size=8)
+
+faster-whisper's own `prefix=` reaches the first 30 s window only, and its batched pipeline
+ignores it. `DomainWhisperModel` puts the domain token into the prompt of every window, in
+both, and takes it out of what the decoder returns (its id lies above the timestamps, and
+faster-whisper would read it as one). It also pads the last window's log-mel frames with the
+log-mel of silence, as Whisper, transformers and training do (faster-whisper pads with 0.0,
+which changes some transcripts). This file needs only faster-whisper and the standard
+library: a deployment may copy it without wdx.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from faster_whisper import WhisperModel
+
+PROMPTS_FILE = "domain_prompts.json"  # written by wdx.export_ct2
+SILENCE_FLOOR = -1.5  # (log10(1e-10) + 4) / 4: the normalised log-mel of digital silence
+
+
+class DomainWhisperModel(WhisperModel):
+    """faster_whisper.WhisperModel whose every decoding prompt ends with the domain token."""
+
+    def __init__(self, model_dir: str | Path, domain: str | None = None, **kwargs) -> None:
+        super().__init__(str(model_dir), **kwargs)
+        self.domain_ids = domain_suffix(Path(model_dir), domain)
+        self.model = _WithoutDomainToken(self.model, self.domain_ids)
+
+    def get_prompt(self, tokenizer, previous_tokens, without_timestamps=False, prefix=None, hotwords=None):
+        prompt = super().get_prompt(tokenizer, previous_tokens, without_timestamps, prefix, hotwords)
+        at = prompt.index(tokenizer.sot) + len(tokenizer.sot_sequence) + int(without_timestamps)
+        return prompt[:at] + self.domain_ids + prompt[at:]
+
+    def encode(self, features: np.ndarray):
+        return super().encode(pad_with_silence(features))
+
+
+def domain_suffix(model_dir: Path, domain: str | None) -> list[int]:
+    """The ids the trained prompt has after <|notimestamps|>: the domain token, or nothing for a
+    model trained with --domain-conditioning none."""
+    path = model_dir / PROMPTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{model_dir}: no {PROMPTS_FILE}; export the model with python -m wdx.export_ct2")
+    prompts = json.loads(path.read_text())
+    if "none" in prompts:
+        if domain is not None:
+            raise ValueError(f"{model_dir}: trained without domain tokens; pass no domain")
+        return []
+    if domain not in prompts:
+        raise ValueError(f"{model_dir}: domain must be one of {', '.join(prompts)} (got {domain!r})")
+    tokens = prompts[domain]["tokens"]
+    return prompts[domain]["ids"][tokens.index("<|notimestamps|>") + 1:]
+
+
+def pad_with_silence(features: np.ndarray) -> np.ndarray:
+    """Replace faster-whisper's padding (trailing frames of exactly 0.0 in every mel bin, which
+    no real frame has) with the log-mel of silence: max(floor, clip maximum - 2)."""
+    features = np.array(features, dtype=np.float32, copy=True)
+    for item in features.reshape(-1, *features.shape[-2:]):
+        speech = np.flatnonzero(np.any(item != 0.0, axis=0))
+        end = speech[-1] + 1 if len(speech) else 0
+        if end < item.shape[-1]:
+            item[:, end:] = max(SILENCE_FLOOR, float(item[:, :end].max()) - 2.0) if end else SILENCE_FLOOR
+    return features
+
+
+class _WithoutDomainToken:
+    """The ctranslate2 model, except that results do not start with the domain token.
+
+    ctranslate2 returns the prompt's tokens after the task token; a domain id is above the
+    timestamp ids, so faster-whisper would take it for a timestamp and split segments at it.
+    """
+
+    def __init__(self, model, domain_ids: list[int]) -> None:
+        self._model, self._ids = model, domain_ids
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        results = self._model.generate(*args, **kwargs)
+        n = len(self._ids)
+        if not n:
+            return results
+        out = []
+        for r in results:
+            starts = [ids[:n] == self._ids for ids in r.sequences_ids]
+            out.append(SimpleNamespace(
+                sequences_ids=[ids[n * s:] for ids, s in zip(r.sequences_ids, starts)],
+                sequences=[tokens[n * s:] for tokens, s in zip(r.sequences, starts)],
+                scores=r.scores, no_speech_prob=r.no_speech_prob))
+        return out
