@@ -60,7 +60,7 @@ def _members(split_dir):
 
 
 def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(tmp_path):
-    from wdx.demo.report import write_report
+    from wdx.demo.report import deployed_summary, summary, write_report
     from wdx.metrics import by_domain, prompt_table
 
     def run(hyp_suffix):
@@ -74,11 +74,18 @@ def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(t
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
         {"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.0, "eval/loss": 1.5, "eval/samples_per_s": 2.0,
                                          **{f"eval/{d}/cer": 0.1 for d in ("normal", "dyslexic", "all")}})))
-    deployed = {"wdx.evaluate": (evals["val_small"][1], 3.0)}
-    path = write_report(tmp_path, evals, {"val_small": "seen voices", "val_unseen": "unseen voices"},
-                        evals["val_small"][1]["compare_domains"], run_dir, "accelerate launch ...",
-                        {"5 evaluate fine-tuned, val_unseen": 8.0}, deployed, [])
+    deployed = deployed_summary({"wdx.evaluate": (evals["val_small"][1], 3.0), "other": (evals["val_small"][0], 4.0)})
+    costs = {"faster-whisper": {"clips": 4, "seconds": 2.0, "peak_mb": 300.4}}
+    longform = [dict(domain="dyslexic", sentences=8, seconds=77.6, cer_one_by_one=0.1, cer_long=0.12)]
+    figures = summary(evals, {"val_small": "seen voices", "val_unseen": "unseen voices"},
+                      evals["val_small"][1]["compare_domains"], deployed, costs, longform,
+                      {"5 evaluate fine-tuned, val_unseen": 8.0}, "accelerate launch ...")
+    path = write_report(tmp_path, evals, run_dir, figures)
     text = path.read_text()
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(figures))
+    assert "| other | 0.250 | 0.500 | 0.375 | 1/4 | 4.0 |" in text  # k0: the one clip both decoded alike
+    assert "| faster-whisper | 4 | 0.50 | 300 |" in text
+    assert "| dyslexic | 8 | 78 | 0.100 | 0.120 |" in text  # only the columns the rows have
     assert "| seen voices | normal |" in text and "| unseen voices | all |" in text
     assert "| dyslexic | 0.000 | **0.250** | 2/2 |" in text  # the right token in bold; 2 of 2 changed
     assert "50 s per 100 clips" in text and "200 s per 100 clips" in text  # in-loop 2 clips/s; 8 s for 4 clips

@@ -1,5 +1,7 @@
 """faster-whisper on a `wdx.export_ct2` directory, prompted as the model was trained.
 
+    python -m wdx.deploy EXPORT AUDIO [AUDIO ...] [--domain dyslexic] [--compute-type int8]
+
     from faster_whisper import BatchedInferencePipeline
     from wdx.deploy import DomainWhisperModel
 
@@ -14,17 +16,21 @@ both, and takes it out of what the decoder returns (its id lies above the timest
 faster-whisper would read it as one). It also pads the last window's log-mel frames with the
 log-mel of silence, as Whisper, transformers and training do (faster-whisper pads with 0.0,
 which changes some transcripts). This file needs only faster-whisper and the standard
-library: a deployment may copy it without wdx.
+library (no torch, no transformers): a deployment may copy it without wdx. The command line
+decodes a file of at most 30 s in one window, a longer one with the batched pipeline and
+faster-whisper's VAD (each speech chunk a window).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from faster_whisper import WhisperModel
+from faster_whisper import BatchedInferencePipeline, WhisperModel, decode_audio
 
 PROMPTS_FILE = "domain_prompts.json"  # written by wdx.export_ct2
 SILENCE_FLOOR = -1.5  # (log10(1e-10) + 4) / 4: the normalised log-mel of digital silence
@@ -102,3 +108,49 @@ class _WithoutDomainToken:
                 sequences=[tokens[n * s:] for tokens, s in zip(r.sequences, starts)],
                 scores=r.scores, no_speech_prob=r.no_speech_prob))
         return out
+
+
+GREEDY = dict(beam_size=1, temperature=0.0)  # as wdx decodes; faster-whisper's default is 5 beams + fallback
+
+
+def transcribe(model: DomainWhisperModel, path: str, language: str = "ko", batch_size: int = 8) -> str:
+    """One file's text: up to 30 s in one window, longer files through the batched pipeline with VAD."""
+    audio = decode_audio(path)
+    if len(audio) <= 30 * 16000:
+        segments, _ = model.transcribe(audio, language=language, without_timestamps=True,
+                                       condition_on_previous_text=False, **GREEDY)
+    else:
+        segments, _ = BatchedInferencePipeline(model).transcribe(audio, language=language, batch_size=batch_size,
+                                                                 **GREEDY)
+    return " ".join(s.text.strip() for s in segments)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", help="a python -m wdx.export_ct2 output directory")
+    parser.add_argument("audio", nargs="+", help="audio files (anything PyAV decodes), any length")
+    parser.add_argument("--domain", help="domain token of the prompt (see EXPORT/domain_prompts.json; none for a "
+                        "model trained without domain tokens)")
+    parser.add_argument("--language", default="ko")
+    parser.add_argument("--compute-type", default="int8", help="int8 on CPUs, float16 or int8_float16 on GPUs")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        model = DomainWhisperModel(args.export, domain=args.domain, device=args.device, compute_type=args.compute_type)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"wdx.deploy: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in args.audio:
+        try:
+            text = transcribe(model, path, args.language)
+        except (OSError, ValueError) as exc:  # PyAV's errors are OSError / ValueError subclasses
+            print(f"wdx.deploy: skipped {path}: {str(exc).splitlines()[0]}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}\t{text}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

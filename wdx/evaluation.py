@@ -29,12 +29,12 @@ def generate(model, features: torch.Tensor | None, prompts: torch.Tensor, max_ne
 
     GenerationMixin.generate is called directly: Whisper's own `generate` rebuilds the
     prompt from its generation config and would drop the domain token. A fresh config
-    keeps only the token ids and suppression lists, so no stored length setting competes
-    with `max_new_tokens`.
+    keeps only the token ids and suppression lists; the length goes as `max_length` (prompt
+    included), the one length final/ stores: given two, transformers warns on every call.
     """
     stored = model.generation_config
     config = transformers.GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
+        max_length=prompts.shape[1] + max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
         pad_token_id=stored.pad_token_id, decoder_start_token_id=stored.decoder_start_token_id,
         suppress_tokens=stored.suppress_tokens, begin_suppress_tokens=stored.begin_suppress_tokens)
     if encoder_outputs is not None:

@@ -203,10 +203,10 @@ def set_generation_config(model: WhisperForConditionalGeneration, tokenizer, lan
     gc.language, gc.task, gc.return_timestamps = language, "transcribe", False
     gc.decoder_start_token_id = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     gc.eos_token_id = gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    # greedy, up to the whole context after the prompt: the transformers ASR pipeline would
-    # otherwise use its own defaults (5 beams, 256 new tokens)
-    gc.num_beams, gc.max_length = 1, model.config.max_target_positions
-    gc.max_new_tokens = max_text_tokens(model.config.max_target_positions)
+    # greedy, up to the whole context (prompt included): the transformers ASR pipeline would
+    # otherwise use its own defaults (5 beams, 256 new tokens). One length only: with both
+    # max_length and max_new_tokens stored, transformers warns on every call.
+    gc.num_beams, gc.max_length, gc.max_new_tokens = 1, model.config.max_target_positions, None
     gc.forced_decoder_ids = None  # the prompt is passed explicitly (collate.prompt_ids)
     if not getattr(gc, "lang_to_id", None):
         gc.lang_to_id = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens

@@ -33,7 +33,7 @@ from ..longform import transcribe_long
 from ..metrics import by_domain, cer
 from . import data as demo_data
 from . import offline_model
-from .report import write_report
+from .report import deployed_summary, summary, write_report
 
 log = logging.getLogger("wdx.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -64,39 +64,115 @@ def held_out(data: Path) -> list[dict]:
 def pipeline_eval(final: Path, samples: list[dict]) -> dict:
     """The held-out clips through transformers' ASR pipeline, one call per clip, with the domain
     prompt as decoder_input_ids (README "Deploy"); the same result layout as wdx.evaluate."""
-    import torch
-    from transformers import pipeline
-
-    asr, prompts = pipeline("automatic-speech-recognition", model=str(final), device="cpu"), Transcriber(final)
-    rows = []
-    for s in samples:
-        ids = torch.tensor([prompts.prompt(s["domain"])])
-        text = asr({"raw": s["audio"], "sampling_rate": 16000},
-                   generate_kwargs={"decoder_input_ids": ids, "max_new_tokens": MAX_NEW_TOKENS})["text"].strip()
-        rows.append(dict(key=s["key"], domain=s["domain"], ref=s["text"], hyp=text))
+    asr, transcriber = asr_pipeline(final), Transcriber(final)
+    rows = [dict(key=s["key"], domain=s["domain"], ref=s["text"],
+                 hyp=asr(s["audio"], transcriber.prompt(s["domain"]), max_new_tokens=MAX_NEW_TOKENS))
+            for s in samples]
     return {"results": by_domain(rows), "samples": rows}
 
 
-def long_recordings(final: Path, samples: list[dict], after: dict, per_recording: int = 8,
+def asr_pipeline(final: Path):
+    """transformers' ASR pipeline on `final`, called as README "Deploy" shows: f(audio, prompt, **options)."""
+    import torch
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=str(final), device="cpu")
+
+    def run(audio: np.ndarray, prompt: list[int], chunk_length_s: float = 0, **generate_kwargs) -> str:
+        options = {"chunk_length_s": chunk_length_s} if chunk_length_s else {}
+        return asr({"raw": audio, "sampling_rate": 16000}, **options,
+                   generate_kwargs={"decoder_input_ids": torch.tensor([prompt]), **generate_kwargs})["text"].strip()
+
+    return run
+
+
+def faster_whisper_eval(export: Path, samples: list[dict]) -> dict:
+    """The held-out clips through faster-whisper (wdx.deploy.DomainWhisperModel), one call per clip,
+    greedy; the same result layout as wdx.evaluate."""
+    models = domain_models(export)
+    rows = []
+    for s in samples:
+        segments, _ = models[s["domain"]].transcribe(s["audio"], **FASTER_WHISPER)
+        rows.append(dict(key=s["key"], domain=s["domain"], ref=s["text"],
+                         hyp=" ".join(seg.text.strip() for seg in segments)))
+    return {"results": by_domain(rows), "samples": rows}
+
+
+def domain_models(export: Path) -> dict:
+    from ..deploy import DomainWhisperModel
+
+    return {d: DomainWhisperModel(export, domain=d, cpu_threads=2) for d in ("normal", "dyslexic")}
+
+
+# faster-whisper decoding as README "Deploy" shows: greedy, no timestamps (never trained), each
+# window on its own (the training prompt has no previous text)
+FASTER_WHISPER = dict(language="ko", beam_size=1, temperature=0.0, without_timestamps=True,
+                      condition_on_previous_text=False)
+
+
+def long_recordings(final: Path, export: Path, samples: list[dict], after: dict, per_recording: int = 8,
                     pause_s: float = 0.6) -> list[dict]:
-    """Held-out sentences of one domain read one after another (`pause_s` of silence between):
-    CER of the long-form transcript vs the CER of the same sentences decoded one by one."""
+    """Held-out sentences of one domain read one after another (`pause_s` of silence between),
+    decoded whole by wdx.transcribe's long-form path, by faster-whisper's batched pipeline with
+    VAD and by the transformers pipeline in 30 s chunks, against the same sentences decoded one
+    by one."""
+    from faster_whisper import BatchedInferencePipeline
+
     domains: dict[str, list[dict]] = {}
     for s in samples:
         domains.setdefault(s["domain"], []).append(s)
     single = {s["key"]: s["hyp"] for s in after["samples"]}
     transcriber, rows = Transcriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
+    asr, models = asr_pipeline(final), domain_models(export)
     silence = np.zeros(int(pause_s * 16000), dtype=np.float32)
     for domain, samples in sorted(domains.items()):
         for i in range(0, len(samples) - per_recording + 1, per_recording):
             group = samples[i: i + per_recording]
             audio = np.concatenate([part for s in group for part in (s["audio"], silence)])
             (hyp,) = transcribe_long(transcriber, [audio], [domain], BATCH)
+            segments, _ = BatchedInferencePipeline(models[domain]).transcribe(audio, batch_size=BATCH, language="ko",
+                                                                              beam_size=1, temperature=0.0)
+            fw = " ".join(seg.text.strip() for seg in segments)
+            chunked = asr(audio, transcriber.prompt(domain), chunk_length_s=30)
             refs = [s["text"] for s in group]
+            joined = [" ".join(refs)]
             rows.append(dict(domain=domain, sentences=len(group), seconds=len(audio) / 16000,
                              cer_one_by_one=cer(refs, [single[s["key"]] for s in group]),
-                             cer_long=cer([" ".join(refs)], [hyp])))
+                             cer_long=cer(joined, [hyp]), cer_faster_whisper=cer(joined, [fw]),
+                             cer_pipeline=cer(joined, [chunked])))
     return rows
+
+
+# One process per backend, as a deployment runs it: its wall time and peak resident memory
+# (VmHWM: ru_maxrss would carry the demo's own peak over the fork).
+MEASURE = ("import runpy, sys, time; t = time.perf_counter(); sys.argv = sys.argv[1:]\n"
+           "try: runpy.run_module(sys.argv[0], run_name='__main__')\n"
+           "except SystemExit as e: assert not e.code, e.code\n"
+           "hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+           "print('MEASURED', time.perf_counter() - t, int(hwm) / 1024)")
+
+
+def cost_per_backend(final: Path, export: Path, samples: list[dict], clips: Path) -> dict[str, dict]:
+    """Seconds per clip (model loading included) and peak memory of each way of deploying,
+    each in its own process over the same clips (written as wav into `clips`)."""
+    import soundfile
+
+    clips.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in samples:
+        soundfile.write(clips / f"{s['key']}.wav", s["audio"], 16000)
+        paths.append(str(clips / f"{s['key']}.wav"))
+    ways = {"wdx.transcribe (transformers, final/)": ["wdx.transcribe", str(final), "--device", "cpu", *paths],
+            "wdx.transcribe --backend ct2 (int8)": ["wdx.transcribe", str(export), "--backend", "ct2", *paths],
+            "faster-whisper int8 (`python -m wdx.deploy`)": ["wdx.deploy", str(export), "--domain", "normal", *paths]}
+    costs = {}
+    for name, argv in ways.items():
+        done = subprocess.run([sys.executable, "-c", MEASURE, *argv], cwd=REPO, capture_output=True, text=True)
+        measured = [line.split() for line in done.stdout.splitlines() if line.startswith("MEASURED")]
+        if done.returncode or not measured:
+            raise RuntimeError(f"{name}: {done.stderr.strip().splitlines()[-1:]}")
+        costs[name] = {"clips": len(paths), "seconds": float(measured[0][1]), "peak_mb": float(measured[0][2])}
+    return costs
 
 
 def relative(arg: str) -> str:
@@ -158,20 +234,28 @@ def main(argv: list[str] | None = None) -> int:
         deployed[f"CTranslate2 {quantization}"] = (json.loads((out / f"eval_ct2_{quantization}.json").read_text()),
                                                    time.perf_counter() - t_eval)
         timings[f"6 export + evaluate CTranslate2 {quantization}"] = time.perf_counter() - t
-    t = stage(6, "transformers pipeline with the domain prompt")
+    final = runs / "demo" / "final"
+    t = stage(6, "faster-whisper (wdx.deploy) on the int8 export")
     samples = held_out(data)  # decoded once for the pipeline and the long recordings
-    via_pipeline = pipeline_eval(runs / "demo" / "final", samples)
-    deployed["transformers pipeline"] = (via_pipeline, time.perf_counter() - t)
+    deployed["faster-whisper int8 (`wdx.deploy`)"] = (faster_whisper_eval(out / "ct2-int8", samples),
+                                                      time.perf_counter() - t)
+    timings["6 faster-whisper"] = time.perf_counter() - t
+    t = stage(6, "transformers pipeline with the domain prompt")
+    deployed["transformers pipeline"] = (pipeline_eval(final, samples), time.perf_counter() - t)
     timings["6 pipeline"] = time.perf_counter() - t
     t = stage(6, "recordings longer than 30 s built from held-out sentences")
-    longform = long_recordings(runs / "demo" / "final", samples, after)
+    longform = long_recordings(final, out / "ct2-float32", samples, after)
     timings["6 long recordings"] = time.perf_counter() - t
+    t = stage(6, "cost of each backend, each in its own process")
+    costs = cost_per_backend(final, out / "ct2-int8", samples, out / "clips")
+    timings["6 cost per backend"] = time.perf_counter() - t
     stage(7, "report")
     # seconds: the val_unseen run (as many clips, one decode each); val_small's decoded every clip twice
     deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned, val_unseen"]),
                 **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
-    report = write_report(out, evals, HELD_OUT, tokens, runs / "demo", settings, timings, deployed, longform)
+    figures = summary(evals, HELD_OUT, tokens, deployed_summary(deployed), costs, longform, timings, settings)
+    report = write_report(out, evals, runs / "demo", figures)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
     for split, (b, a) in evals.items():
         for d in ("normal", "dyslexic", "all"):

@@ -5,6 +5,7 @@ parity, long recordings, examples."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -69,15 +70,31 @@ def token_table(tokens: dict) -> list[str]:
     return lines
 
 
-def deploy_table(deployed: dict[str, tuple[dict, float]]) -> list[str]:
-    """CER per domain, agreement with the transformers model and seconds for each way of decoding."""
+def deployed_summary(deployed: dict[str, tuple[dict, float]]) -> dict[str, dict]:
+    """Each way of decoding: CER per domain, how many clips give the first way's text, seconds."""
     reference = {s["key"]: s["hyp"] for s in next(iter(deployed.values()))[0]["samples"]}
+    return {name: {"cer": {d: result["results"][d]["cer"] for d in (*DOMAINS, "all")},
+                   "same": sum(s["hyp"] == reference.get(s["key"]) for s in result["samples"]),
+                   "n": len(result["samples"]), "seconds": seconds}
+            for name, (result, seconds) in deployed.items()}
+
+
+def deploy_table(deployed: dict[str, dict]) -> list[str]:
+    """CER per domain, agreement with the transformers model and seconds for each way of decoding."""
     lines = ["| decoded with | CER normal | CER dyslexic | CER all | same text as transformers | seconds |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, (result, seconds) in deployed.items():
-        same = sum(s["hyp"] == reference.get(s["key"]) for s in result["samples"])
-        cer = [f"{result['results'][d]['cer']:.3f}" for d in (*DOMAINS, "all")]
-        lines.append(f"| {name} | {' | '.join(cer)} | {same}/{len(result['samples'])} | {seconds:.1f} |")
+    for name, r in deployed.items():
+        cer = [f"{r['cer'][d]:.3f}" for d in (*DOMAINS, "all")]
+        lines.append(f"| {name} | {' | '.join(cer)} | {r['same']}/{r['n']} | {r['seconds']:.1f} |")
+    return lines
+
+
+def cost_table(costs: dict[str, dict]) -> list[str]:
+    """Each backend as its own process: wall seconds per clip (loading included) and peak memory."""
+    lines = ["| backend (own process, model loading included) | clips | seconds per clip | peak memory (MB) |",
+             "|---|---:|---:|---:|"]
+    for name, c in costs.items():
+        lines.append(f"| {name} | {c['clips']} | {c['seconds'] / c['clips']:.2f} | {c['peak_mb']:.0f} |")
     return lines
 
 
@@ -93,26 +110,51 @@ def examples(before: dict, after: dict, n_per_domain: int = 3) -> list[str]:
     return lines
 
 
+LONGFORM = {"cer_one_by_one": "sentences one by one", "cer_long": "`wdx.transcribe` (cut at pauses)",
+            "cer_faster_whisper": "faster-whisper batched + VAD (`wdx.deploy`)",
+            "cer_pipeline": "transformers pipeline, `chunk_length_s=30`"}
+
+
 def longform_table(rows: list[dict]) -> list[str]:
-    lines = ["| domain | sentences | seconds of audio | CER, sentences one by one | CER, one long recording |",
-             "|---|---:|---:|---:|---:|"]
+    """CER of each long recording decoded every way, against its sentences decoded one by one."""
+    columns = [k for k in LONGFORM if rows and k in rows[0]]
+    lines = ["| domain | sentences | seconds of audio | " + " | ".join(f"CER, {LONGFORM[k]}" for k in columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['sentences']} | {r['seconds']:.0f} | {r['cer_one_by_one']:.3f} | "
-                     f"{r['cer_long']:.3f} |")
+        lines.append(f"| {r['domain']} | {r['sentences']} | {r['seconds']:.0f} | "
+                     + " | ".join(f"{r[k]:.3f}" for k in columns) + " |")
     return lines
 
 
-def write_report(out: Path, evals: dict[str, tuple[dict, dict]], labels: dict[str, str], tokens: dict,
-                 run_dir: Path, settings: str, timings: dict, deployed: dict[str, tuple[dict, float]],
-                 longform: list[dict]) -> Path:
-    """REPORT.md: the tables, the two PNG curves, deployment parity, examples, how it was made."""
+def summary(evals: dict[str, tuple[dict, dict]], labels: dict[str, str], tokens: dict, deployed: dict,
+            costs: dict, longform: list[dict], timings: dict, settings: str) -> dict:
+    """Every figure the report and the README quote, without the per-clip samples: the demo
+    writes it as summary.json, and `python -m wdx.demo.readme` renders the README from it."""
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "settings": settings,
+            "evals": {split: [{"results": b["results"]}, {"results": a["results"]}] for split, (b, a) in evals.items()},
+            "labels": labels, "tokens": tokens, "deployed": deployed, "costs": costs, "longform": longform,
+            "timings": timings, "total_s": sum(timings.values())}
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU used"
+
+
+def write_report(out: Path, evals: dict[str, tuple[dict, dict]], run_dir: Path, figures: dict) -> Path:
+    """REPORT.md (the tables, the two PNG curves, deployment parity and cost, examples, how it
+    was made) and summary.json (`figures`, from `summary`)."""
     before, after = evals["val_small"]
     metrics = read_metrics(run_dir)
     plot_curves(metrics, before, out)
     in_loop = [m["eval/samples_per_s"] for m in metrics if "eval/samples_per_s" in m]
     n_unseen = len(evals["val_unseen"][1]["samples"])
+    timings = figures["timings"]
     unseen_s = next(v for k, v in timings.items() if k.startswith("5 evaluate fine-tuned, val_unseen"))
     lines = ["# Demo report: Whisper base fine-tuned on two Korean speaker domains", "",
+             f"Made by `make demo` on {figures['date']} ({figures['machine']}), {figures['total_s']:.0f} s in all. "
              "Two held-out splits, sentences never seen in training: `val_small`, read by the synthetic voices "
              "training used (other sentences), and `val_unseen`, read by espeak-ng voices training never heard "
              "(other variants, pitch and speed outside the training ranges). The first row of each shows "
@@ -121,9 +163,9 @@ def write_report(out: Path, evals: dict[str, tuple[dict, dict]], labels: dict[st
              "1000 draws) and its parts (substitutions / deletions / insertions, fractions of the reference "
              "characters); runaway: hypotheses more than twice their reference. The base model is prompted "
              "without a domain token (it has none), the fine-tuned one with `<|domain:X|>`.", "",
-             *table(evals, labels), "", "## Does the domain token matter?", "",
+             *table(evals, figures["labels"]), "", "## Does the domain token matter?", "",
              "The fine-tuned model on `val_small`, every clip decoded with each domain token (the right one in "
-             "bold).", "", *token_table(tokens), "",
+             "bold).", "", *token_table(figures["tokens"]), "",
              "![loss](loss.png) ![cer](cer.png)", "",
              "## Evaluation cost", "",
              f"In the training loop (loss + greedy generation, the encoder run once per batch, batch 8, CPU): "
@@ -131,13 +173,15 @@ def write_report(out: Path, evals: dict[str, tuple[dict, dict]], labels: dict[st
              f"{100 * unseen_s / n_unseen:.0f} s per 100 clips, model loading included." if in_loop else "", "",
              "## Deployed", "", "The fine-tuned model decoded greedily with the domain prompt by each way of "
              "deploying it (`val_small`, same clips, CPU, model loading included in the seconds).", "",
-             *deploy_table(deployed), "", "## Recordings longer than 30 s", "",
-             "Held-out sentences of one domain joined with 0.6 s pauses, decoded by `wdx.transcribe`'s long-form "
-             "path (cut at pauses, every piece with the domain prompt), against the same sentences decoded one by "
-             "one.", "", *longform_table(longform),
+             *deploy_table(figures["deployed"]), "", *cost_table(figures["costs"]), "",
+             "## Recordings longer than 30 s", "",
+             "Held-out sentences of one domain joined with 0.6 s pauses, each recording decoded whole by each "
+             "long-form path (every piece or window with the domain prompt), against the same sentences decoded "
+             "one by one.", "", *longform_table(figures["longform"]),
              "", "## Example transcripts (val_small)", "", *examples(before, after),
-             "## How this was made", "", "```", settings, "```", "",
+             "## How this was made", "", "```", figures["settings"], "```", "",
              "| stage | seconds |", "|---|---:|", *(f"| {k} | {v:.0f} |" for k, v in timings.items()), ""]
+    (out / "summary.json").write_text(json.dumps(figures, ensure_ascii=False, indent=1))
     path = out / "REPORT.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
