@@ -84,3 +84,32 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """final/ and its export: a tiny model with large-v3's token ids (CTranslate2 decides
+    'multilingual' by them) and weights large enough for the prompt to change the output."""
+    import torch
+
+    from wdx import export_ct2
+    from wdx.model import setup
+    from wdx.tiny import build
+
+    root = tmp_path_factory.mktemp("deploy")
+    w, _ = setup(str(build(root / "base", real_ids=True)), language="ko", encoder_layers=0, decoder_layers=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in w.model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    for part in (w.model, w.tokenizer, w.feature_extractor):
+        part.save_pretrained(root / "final")
+    return root / "final", export_ct2.export(root / "final", root / "ct2")
+
+
+def same_start(ours: str, theirs: str) -> bool:
+    """The random model never ends a transcript, so each side stops at its own length cap: every
+    token both decoded must match."""
+    short, long = sorted((ours, theirs), key=len)
+    return len(short) > 100 and long.startswith(short)

@@ -42,3 +42,23 @@ def test_garbage_bytes_raise_one_error_type(ext):
 def test_resample_is_identity_at_same_rate():
     wave = speechlike(0.1, 16000)
     assert resample(wave, 16000, 16000) is wave
+
+
+def test_m4a_is_written_with_its_index_first_so_a_stream_can_decode_it():
+    # issue 25.3: transformers' pipeline pipes a file through ffmpeg; an m4a whose moov atom
+    # follows the audio cannot be read that way (1 of the demo's clips failed)
+    import io
+
+    import av
+
+    class Stream:  # read() only: no seeking back to the audio once the index is found
+        def __init__(self, data: bytes) -> None:
+            self.data = io.BytesIO(data)
+
+        def read(self, n: int = -1) -> bytes:
+            return self.data.read(n)
+
+    data = encode_audio(speechlike(20.0, 16000), 16000, "m4a")  # larger than ffmpeg's read buffer
+    assert 0 < data.find(b"moov") < data.find(b"mdat")
+    with av.open(Stream(data), format="mp4") as container:
+        assert sum(frame.samples for frame in container.decode(audio=0)) >= 20 * 16000

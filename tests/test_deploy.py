@@ -9,33 +9,14 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel  # a test depe
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 
-from tests.conftest import speechlike
+from tests.conftest import same_start, speechlike
 from wdx import export_ct2
 from wdx.deploy import DomainWhisperModel, domain_suffix, pad_with_silence
 from wdx.features import log_mel
 from wdx.inference import Transcriber
 from wdx.longform import split_at_pauses
 
-DECODE = dict(language="ko", beam_size=1, temperature=0.0, suppress_blank=False)  # greedy, as wdx decodes
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """final/ and its export: a tiny model with large-v3's token ids (CTranslate2 decides
-    'multilingual' by them) and weights large enough for the prompt to change the output."""
-    from wdx.model import setup
-    from wdx.tiny import build
-
-    root = tmp_path_factory.mktemp("deploy")
-    w, _ = setup(str(build(root / "base", real_ids=True)), language="ko", encoder_layers=0, decoder_layers=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in w.model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    for part in (w.model, w.tokenizer, w.feature_extractor):
-        part.save_pretrained(root / "final")
-    return root / "final", export_ct2.export(root / "final", root / "ct2")
+DECODE = dict(language="ko", beam_size=1, temperature=0.0)  # greedy, as wdx decodes
 
 
 class Spy:
@@ -54,13 +35,6 @@ class Spy:
 
 def texts(segments) -> str:
     return " ".join(s.text.strip() for s in segments)
-
-
-def same_start(ours: str, theirs: str) -> bool:
-    """The random model never ends a transcript, so each side stops at its own length cap: every
-    token both decoded must match."""
-    short, long = sorted((ours, theirs), key=len)
-    return len(short) > 100 and long.startswith(short)
 
 
 def test_faster_whisper_loads_the_export_as_multilingual_and_prefix_sends_the_trained_prompt(trained):
@@ -140,3 +114,32 @@ def test_wrong_domain_or_a_model_without_prompts_is_refused_in_one_line(trained,
     assert domain_suffix(tmp_path, None) == []
     with pytest.raises(ValueError, match="trained without domain tokens; pass no domain"):
         domain_suffix(tmp_path, "normal")
+
+
+def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import soundfile
+
+    from wdx import deploy
+
+    final, ct2 = trained
+    short = speechlike(2.0, 16000, seed=4)
+    soundfile.write(tmp_path / "short.wav", short, 16000)
+    soundfile.write(tmp_path / "long.flac", speechlike(40.0, 16000, seed=5), 16000)
+    (tmp_path / "bad.m4a").write_bytes(b"not audio")
+    files = [str(tmp_path / n) for n in ("short.wav", "bad.m4a", "long.flac")]
+    assert deploy.main([str(ct2), *files, "--domain", "dyslexic", "--compute-type", "float32"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [files[0], files[2]]
+    assert same_start(Transcriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], lines[0].split("\t")[1])
+    (err,) = captured.err.strip().splitlines()
+    assert err.startswith(f"wdx.deploy: skipped {files[1]}: ")
+    capsys.readouterr()
+    assert deploy.main([str(ct2), files[0], "--domain", "adult"]) == 1
+    assert capsys.readouterr().err.strip() == (f"wdx.deploy: error: {ct2}: domain must be one of normal, dyslexic "
+                                               "(got 'adult')")
+    code = "import sys, wdx.deploy; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

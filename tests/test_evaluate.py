@@ -257,3 +257,24 @@ def test_opus_webm_and_aac_are_read_by_the_tools_and_the_data_layer(tiny_final, 
     out = tmp_path / "r.json"
     assert evaluate.main([tiny_final, "--dataset", root, "--max-new-tokens", "2", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["all"]["n"] == 2 and not json.loads(out.read_text())["skipped"]
+
+
+def test_max_new_tokens_holds_for_a_final_that_also_stores_one(tiny_final, caplog):
+    # final/ now stores max_length only (with both, transformers warned on every pipeline call);
+    # one written before stores max_new_tokens=443 too, which must not override the caller's
+    import logging
+
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from wdx.evaluation import generate
+    from wdx.inference import Transcriber
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_final).eval()
+    prompts = torch.tensor([Transcriber(tiny_final).prompt("normal")])
+    features = torch.randn(1, 80, 3000)
+    with caplog.at_level(logging.WARNING):
+        assert generate(model, features, prompts, max_new_tokens=3).shape[1] <= 3
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    model.generation_config.max_new_tokens = 443
+    assert generate(model, features, prompts, max_new_tokens=3).shape[1] <= 3

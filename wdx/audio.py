@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+import tempfile
+from pathlib import Path
 
 import av
 import numpy as np
@@ -105,9 +107,23 @@ def encode_audio(wave: np.ndarray, rate: int, ext: str) -> bytes:
         return buf.getvalue()
     if ext not in _AV_FORMATS:
         raise ValueError(f"cannot encode .{ext}: expected one of {', '.join(AUDIO_EXTENSIONS)}")
-    layout = "mono" if frames.shape[0] == 1 else "stereo"
     container_format, codec = _AV_FORMATS[ext]
-    with av.open(buf, mode="w", format=container_format) as container:
+    if ext != "m4a":
+        _encode_with_av(buf, frames, rate, container_format, codec)
+        return buf.getvalue()
+    # m4a: the index (moov) goes in front ("faststart"), or a reader that streams the file
+    # (ffmpeg from a pipe, as transformers' pipeline reads a path) cannot decode it. The muxer
+    # moves it by rewriting the file, which it cannot do in memory.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"audio.{ext}"
+        _encode_with_av(str(path), frames, rate, container_format, codec, {"movflags": "+faststart"})
+        return path.read_bytes()
+
+
+def _encode_with_av(target, frames: np.ndarray, rate: int, container_format: str, codec: str,
+                    options: dict | None = None) -> None:
+    layout = "mono" if frames.shape[0] == 1 else "stereo"
+    with av.open(target, mode="w", format=container_format, options=options or {}) as container:
         stream = container.add_stream(codec, rate=rate, layout=layout)
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(frames, np.float32), format="fltp", layout=layout)
         frame.sample_rate = rate
@@ -115,4 +131,3 @@ def encode_audio(wave: np.ndarray, rate: int, ext: str) -> bytes:
             container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    return buf.getvalue()

@@ -40,8 +40,9 @@ class DomainWhisperModel(WhisperModel):
     """faster_whisper.WhisperModel whose every decoding prompt ends with the domain token."""
 
     def __init__(self, model_dir: str | Path, domain: str | None = None, **kwargs) -> None:
+        domain_ids = domain_suffix(Path(model_dir), domain)  # refused before the model loads
         super().__init__(str(model_dir), **kwargs)
-        self.domain_ids = domain_suffix(Path(model_dir), domain)
+        self.domain_ids = domain_ids
         self.model = _WithoutDomainToken(self.model, self.domain_ids)
 
     def get_prompt(self, tokenizer, previous_tokens, without_timestamps=False, prefix=None, hotwords=None):

@@ -41,9 +41,10 @@ class InputError(ValueError):
     """An input file or list entry that cannot be evaluated (names it)."""
 
 
-def read_clip(path: Path, target_sr: int = 16000):
+def read_clip(path: str | Path, target_sr: int = 16000):
     """A file's audio as mono float32 at `target_sr`, any length (wdx.longform cuts what is
     longer than Whisper's 30 s into pieces)."""
+    path = Path(path)
     ext = path.suffix.lower().lstrip(".")
     if ext not in AUDIO_EXTENSIONS:
         raise InputError(f"{path}: unsupported format .{ext} (expected {', '.join(AUDIO_EXTENSIONS)})")

@@ -33,8 +33,11 @@ def generate(model, features: torch.Tensor | None, prompts: torch.Tensor, max_ne
     included), the one length final/ stores: given two, transformers warns on every call.
     """
     stored = model.generation_config
+    # a final/ written before 2026-12-01 also stores max_new_tokens, which would win over max_length
+    length = ({"max_new_tokens": max_new_tokens} if stored.max_new_tokens is not None
+              else {"max_length": prompts.shape[1] + max_new_tokens})
     config = transformers.GenerationConfig(
-        max_length=prompts.shape[1] + max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
+        **length, do_sample=False, num_beams=1, eos_token_id=stored.eos_token_id,
         pad_token_id=stored.pad_token_id, decoder_start_token_id=stored.decoder_start_token_id,
         suppress_tokens=stored.suppress_tokens, begin_suppress_tokens=stored.begin_suppress_tokens)
     if encoder_outputs is not None:

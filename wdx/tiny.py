@@ -79,13 +79,14 @@ def build(out: str | Path, n_mels: int = 80, d_model: int = 64, layers: int = 4,
         decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_source_positions=1500,
         max_target_positions=448, decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-        begin_suppress_tokens=None, suppress_tokens=None,
+        begin_suppress_tokens=[220, eot] if real_ids else None, suppress_tokens=None,  # real ones: " " and eot
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
     model.generation_config.decoder_start_token_id = sot
     model.generation_config.eos_token_id = eot
     model.generation_config.pad_token_id = eot
+    model.generation_config.begin_suppress_tokens = config.begin_suppress_tokens
     model.save_pretrained(out)
     tok.save_pretrained(out)
     WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(out)

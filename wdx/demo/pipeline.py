@@ -92,7 +92,7 @@ def faster_whisper_eval(export: Path, samples: list[dict]) -> dict:
     models = domain_models(export)
     rows = []
     for s in samples:
-        segments, _ = models[s["domain"]].transcribe(s["audio"], **FASTER_WHISPER)
+        segments, _ = models[s["domain"]].transcribe(np.asarray(s["audio"], np.float32), **FASTER_WHISPER)
         rows.append(dict(key=s["key"], domain=s["domain"], ref=s["text"],
                          hyp=" ".join(seg.text.strip() for seg in segments)))
     return {"results": by_domain(rows), "samples": rows}
@@ -128,7 +128,7 @@ def long_recordings(final: Path, export: Path, samples: list[dict], after: dict,
     for domain, samples in sorted(domains.items()):
         for i in range(0, len(samples) - per_recording + 1, per_recording):
             group = samples[i: i + per_recording]
-            audio = np.concatenate([part for s in group for part in (s["audio"], silence)])
+            audio = np.concatenate([part for s in group for part in (np.asarray(s["audio"], np.float32), silence)])
             (hyp,) = transcribe_long(transcriber, [audio], [domain], BATCH)
             segments, _ = BatchedInferencePipeline(models[domain]).transcribe(audio, batch_size=BATCH, language="ko",
                                                                               beam_size=1, temperature=0.0)
@@ -160,7 +160,7 @@ def cost_per_backend(final: Path, export: Path, samples: list[dict], clips: Path
     clips.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in samples:
-        soundfile.write(clips / f"{s['key']}.wav", s["audio"], 16000)
+        soundfile.write(clips / f"{s['key']}.wav", np.asarray(s["audio"], np.float32), 16000)
         paths.append(str(clips / f"{s['key']}.wav"))
     ways = {"wdx.transcribe (transformers, final/)": ["wdx.transcribe", str(final), "--device", "cpu", *paths],
             "wdx.transcribe --backend ct2 (int8)": ["wdx.transcribe", str(export), "--backend", "ct2", *paths],

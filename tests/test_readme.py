@@ -1,0 +1,65 @@
+"""The README as written: its deploy snippets run, and its demo figures are one run's."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from tests.conftest import same_start, speechlike
+from wdx.demo import readme
+from wdx.inference import Transcriber
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def snippet(marker: str) -> str:
+    """The README's python block that contains `marker`."""
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, re.S) if marker in c]
+    return re.sub(r"^  ", "", code, flags=re.M)  # blocks inside a list item are indented by 2
+
+
+def test_the_readme_figures_are_those_bench_demo_json_renders():
+    figures = json.loads((ROOT / "bench" / "demo.json").read_text())
+    assert readme.update(README, figures) == README, "python -m wdx.demo.readme bench/demo.json rewrites them"
+    rendered = readme.render(figures)
+    assert f"{figures['deployed']['CTranslate2 int8']['cer']['dyslexic']:.3f}" in rendered["deploy"]
+
+
+def test_a_readme_block_missing_is_an_error_not_a_silent_pass():
+    with pytest.raises(ValueError, match="README has no <!-- demo:deploy --> ... <!-- /demo:deploy --> block"):
+        readme.update(README.replace("<!-- demo:deploy -->", ""), json.loads((ROOT / "bench/demo.json").read_text()))
+
+
+def test_the_pipeline_snippet_as_written_short_clips_and_what_it_does_on_long_ones(trained, tmp_path, monkeypatch,
+                                                                                    caplog):
+    final, _ = trained
+    clip = speechlike(2.0, 16000, seed=3)
+    soundfile.write(tmp_path / "clip.wav", clip, 16000)
+    code = snippet("pipeline(").replace("RUN/final", str(final))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with caplog.at_level(logging.WARNING):
+        exec(code, scope)
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]  # one stored length: no warning
+    assert same_start(Transcriber(final, max_new_tokens=120)([clip], ["dyslexic"])[0], scope["text"].strip())
+    soundfile.write(tmp_path / "clip.wav", np.concatenate([clip] * 20), 16000)  # 40 s: the README says it raises
+    with pytest.raises(ValueError, match="timestamps"):
+        exec(code, scope)
+
+
+def test_the_faster_whisper_snippet_as_written(trained, tmp_path, monkeypatch, capsys):
+    final, export = trained
+    short, long = speechlike(2.0, 16000, seed=4), speechlike(40.0, 16000, seed=5)
+    soundfile.write(tmp_path / "clip.wav", short, 16000)
+    soundfile.write(tmp_path / "long.wav", long, 16000)
+    monkeypatch.chdir(tmp_path)
+    code = snippet("DomainWhisperModel").replace('"OUT"', repr(str(export)))
+    exec(code.replace('"int8"', '"float32"'), {})  # int8 changes this random model's tokens
+    first, second = capsys.readouterr().out.splitlines()
+    assert same_start(Transcriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], first)
+    assert second  # the VAD decides the windows here; tests/test_deploy.py checks each window's prompt

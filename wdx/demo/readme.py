@@ -1,0 +1,89 @@
+"""The README's demo figures, rendered from one run's summary.json, so they cannot drift.
+
+    python -m wdx.demo.readme demo_out/summary.json [--readme README.md] [--check]
+
+`make demo` writes OUT/summary.json (every figure REPORT.md quotes, without the per-clip
+samples). This rewrites each README block between `<!-- demo:NAME -->` and
+`<!-- /demo:NAME -->` from it; the run it came from is kept as bench/demo.json, and a test
+checks that the README equals what that file renders. --check only compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from .report import cost_table, deploy_table, longform_table, table, token_table
+
+BLOCKS = ("results", "deploy")
+
+
+def render(figures: dict) -> dict[str, str]:
+    """{block name: markdown} for every block the README holds."""
+    timings = ", ".join(f"{name.split(' ', 1)[1]} {seconds:.0f} s" for name, seconds in figures["timings"].items())
+    results = [f"Measured by `make demo` on {figures['date']} ({figures['machine']}): {figures['total_s'] / 60:.1f} "
+               f"min for the run, installs excluded. Stages: {timings}.", "",
+               *table(figures["evals"], figures["labels"]), "",
+               "Every clip of the seen-voice split decoded with each domain token (the right one in bold):", "",
+               *token_table(figures["tokens"])]
+    n = next(iter(figures["deployed"].values()))["n"]
+    deploy = [f"The same {n} seen-voice held-out clips decoded each way (greedy, CPU; the first row's seconds are "
+              f"those of the {n} unseen-voice clips, since the seen ones were decoded with both tokens):", "",
+              *deploy_table(figures["deployed"]), "",
+              "Each way as a deployment runs it, in its own process, over the same clips as wav files:", "",
+              *cost_table(figures["costs"]), "",
+              "Held-out sentences of one domain read one after another with 0.6 s pauses, each recording decoded "
+              "whole:", "", *longform_table(figures["longform"])]
+    return {"results": "\n".join(results), "deploy": "\n".join(deploy)}
+
+
+def pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- demo:{name} -->\n)(.*?)(\n<!-- /demo:{name} -->)", re.S)
+
+
+def blocks(readme: str) -> dict[str, str]:
+    """The README's current text of each block (a missing block is an error: nothing to keep true)."""
+    found = {}
+    for name in BLOCKS:
+        match = pattern(name).search(readme)
+        if not match:
+            raise ValueError(f"README has no <!-- demo:{name} --> ... <!-- /demo:{name} --> block")
+        found[name] = match.group(2)
+    return found
+
+
+def update(readme: str, figures: dict) -> str:
+    blocks(readme)
+    for name, text in render(figures).items():
+        readme = pattern(name).sub(lambda m, text=text: m.group(1) + text + m.group(3), readme)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wdx.demo.readme", description=__doc__.split("\n\n")[0])
+    parser.add_argument("summary", type=Path, help="OUT/summary.json of a `make demo` run (or bench/demo.json)")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
+    parser.add_argument("--check", action="store_true", help="only report whether the README matches")
+    args = parser.parse_args(argv)
+    try:
+        figures = json.loads(args.summary.read_text())
+        readme = args.readme.read_text(encoding="utf-8")
+        new = update(readme, figures)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"wdx.demo.readme: error: {exc}", file=sys.stderr)
+        return 1
+    if args.check:
+        if new != readme:
+            print(f"wdx.demo.readme: {args.readme} differs from {args.summary}", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(new, encoding="utf-8")
+    print(f"{args.readme}: demo blocks rewritten from {args.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
