@@ -38,7 +38,6 @@ from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, make_loader
 from wdx.debug import debug_step
-from wdx.domains import DOMAINS
 from wdx.evaluation import evaluate, examples, model_input, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.metrics import format_table
@@ -58,13 +57,15 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, spl
                read_sample=None):
     """Train and eval loaders; each rank and worker reads its own samples (never prepare()d).
     `splits` and `read_sample`: the encoder cache's shards and reader, instead of the audio's."""
-    collate = Collator(whisper.tokenizer, cfg.language, cfg.domain_conditioning)
+    collate = Collator(whisper.tokenizer, cfg.language, cfg.domain_conditioning,
+                       tuple(whisper.model.config.domains) or cfg.domain_names)
     encode = make_text_encoder(whisper.tokenizer, whisper.model.config.max_target_positions)
     common = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.num_workers,
-                  seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain,
+                  seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain, convention=cfg.convention,
+                  domains=cfg.domain_names,
                   shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode,
                   read_sample=read_sample)
-    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard)
+    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, cfg.domain_names)
                                          for name in (cfg.train_split, cfg.eval_split)]
     train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size, **common)
     val = ShardedSamples(eval_split, train=False, batch_size=cfg.per_device_eval_batch_size, **common)
@@ -103,7 +104,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, di
     with whole_model_init(accelerator):
         whisper, groups = setup(cfg.base_model, language=cfg.language, encoder_layers=cfg.train_encoder_layers,
                                 decoder_layers=cfg.train_decoder_layers, dropout=cfg.dropout,
-                                conditioning=cfg.domain_conditioning, rows_init=cfg.domain_rows_init, seed=cfg.seed)
+                                conditioning=cfg.domain_conditioning, rows_init=cfg.domain_rows_init, seed=cfg.seed,
+                                domains=cfg.domain_names)
     config = whisper.model.config
     for name, flag, have in (("train_encoder_layers", "--train-encoder-layers", config.encoder_layers),
                              ("train_decoder_layers", "--train-decoder-layers", config.decoder_layers)):
@@ -609,7 +611,8 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
              format_table(out["results"]))
     for true, r in out.get("prompts", {}).items():
         log.info("  %-9s clips: CER %s; the token changed %d of %d transcripts", true,
-                 ", ".join(f"with <|domain:{p}|> {r[f'prompt_{p}']:.4f}" for p in DOMAINS), r["changed"], r["n"])
+                 ", ".join(f"with <|domain:{p}|> {r[f'prompt_{p}']:.4f}" for p in out["prompts"]), r["changed"],
+                 r["n"])
     for ex in examples(out["rows"], cfg.num_examples):
         log.info("  [%s] %s\n      ref: %s\n      hyp: %s", ex["domain"], ex["key"], ex["ref"], ex["hyp"])
     if out["skips"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,26 +87,34 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """final/ and its export: a tiny model with large-v3's token ids (CTranslate2 decides
-    'multilingual' by them) and weights large enough for the prompt to change the output."""
+def varied_final(base: str, out: Path) -> Path:
+    """final/ of a tiny model whose random weights are large enough for the domain token and
+    the audio to change the transcript (a fresh tiny model repeats one token whatever it hears)."""
     import torch
 
-    from wdx import export_ct2
     from wdx.model import setup
-    from wdx.tiny import build
 
-    root = tmp_path_factory.mktemp("deploy")
-    w, _ = setup(str(build(root / "base", real_ids=True)), language="ko", encoder_layers=0, decoder_layers=0)
+    w, _ = setup(base, language="ko", encoder_layers=0, decoder_layers=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in w.model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
     for part in (w.model, w.tokenizer, w.feature_extractor):
-        part.save_pretrained(root / "final")
-    return root / "final", export_ct2.export(root / "final", root / "ct2")
+        part.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """final/ and its export: varied_final on a tiny model with large-v3's token ids
+    (CTranslate2 decides 'multilingual' by them)."""
+    from wdx import export_ct2
+    from wdx.tiny import build
+
+    root = tmp_path_factory.mktemp("deploy")
+    final = varied_final(str(build(root / "base", real_ids=True)), root / "final")
+    return final, export_ct2.export(final, root / "ct2")
 
 
 def same_start(ours: str, theirs: str) -> bool:

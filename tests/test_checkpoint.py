@@ -26,7 +26,7 @@ def test_half_written_checkpoints_are_never_latest_and_never_push_good_ones_out(
 # what checkpoint.fingerprint records, for a made-up model
 FINGERPRINT = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
                "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-               "domain_conditioning": "token", "frozen_sha256": "f00d"}
+               "domain_conditioning": "token", "domains": "normal,dyslexic", "frozen_sha256": "f00d"}
 
 
 def test_a_checkpoint_for_another_model_is_refused(tmp_path):
@@ -54,6 +54,10 @@ def test_a_checkpoint_trained_on_other_frozen_weights_or_another_freeze_is_refus
     (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "train_encoder_layers": 2}))
     with pytest.raises(checkpoint.CheckpointError, match="trained with --train-encoder-layers 2, this run has 1; "
                                                           "resume with --train-encoder-layers 2"):
+        checkpoint.check_fingerprint(ck, mine)
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "domains": "normal,dyslexic,adhd"}))
+    with pytest.raises(checkpoint.CheckpointError, match="trained with --domains normal,dyslexic,adhd, this run "
+                                                          "has normal,dyslexic; resume with --domains normal,dysl"):
         checkpoint.check_fingerprint(ck, mine)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import speechlike
+from tests.conftest import varied_final as make_varied_final
 from tests.test_evaluate import clips
 from wdx import export_ct2, transcribe
 from wdx.inference import Transcriber
@@ -15,20 +16,7 @@ DOMAINS = ("normal", "dyslexic")
 
 @pytest.fixture(scope="module")
 def varied_final(tiny_model, tmp_path_factory):
-    """final/ of a tiny model whose random weights are large enough for the domain token and
-    the audio to change the transcript (a fresh tiny model repeats one token whatever it hears)."""
-    from wdx.model import setup
-
-    out = tmp_path_factory.mktemp("varied") / "final"
-    w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in w.model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    for part in (w.model, w.tokenizer, w.feature_extractor):
-        part.save_pretrained(out)
-    return out
+    return make_varied_final(tiny_model, tmp_path_factory.mktemp("varied") / "final")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
     assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "n": 1, "sub": 0.0,
                                  "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0, "misread_words": 0,
-                                 "misread_faithful": None, "misread_repaired": None, "misread_other": None}
+                                 "misread_faithful": None, "misread_repaired": None, "misread_other": None,
+                                 "cer_fluent": None}  # None: no fluent form in the data (n/a, never 0)
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
     assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 7, "(no", "samples)"]
 
@@ -87,3 +88,16 @@ def test_misread_words_are_counted_faithful_repaired_or_other_exactly():
     # no target text anywhere: not available, never zero
     assert fidelity(rows[1:]) == {"misread_utts": 0, "misread_words": 0, "misread_faithful": None,
                                   "misread_repaired": None, "misread_other": None}
+
+
+def test_fluent_cer_tells_a_recognition_error_from_a_disfluency_left_out():
+    from wdx.metrics import fluent_cer, fluent_hypothesis
+
+    said, fluent = "아 모 몬 소리야 칠 십 퍼센트", "몬 소리야 칠 십 퍼센트"
+    assert fluent_hypothesis(said, fluent, "아 몬 소리야 칠십 퍼센트") == "몬 소리야 칠십 퍼센트"
+    rows = [dict(domain="dyslexic", ref="아 모 몬 소리야", fluent="몬 소리야", hyp="몬 소리야")]
+    results = by_domain(rows)
+    assert results["dyslexic"]["cer"] == 2 / 6 and results["dyslexic"]["cer_fluent"] == 0.0  # left out, not misheard
+    rows[0]["hyp"] = "아 모 문 소리야"  # the disfluencies kept, one syllable misheard
+    assert fluent_cer(rows) == 1 / 4
+    assert "dyslexic 0.2500" in format_table(by_domain(rows))

@@ -78,7 +78,7 @@ def test_pack_rejects_bad_rows_with_the_line_number_and_writes_nothing(tmp_path)
     r = cli("wdx.pack", str(write_manifest(tmp_path, rows)), str(out))
     assert r.returncode == 1 and not out.exists()
     assert r.stderr.strip().splitlines()[-1] == f"wdx.pack: error: {tmp_path}/manifest.csv:5: unknown domain 'kids' " \
-                                                "(expected normal, dyslexic)"
+                                                "(expected normal, dyslexic; --domains names others)"
     rows[3]["domain"], rows[1]["audio_path"] = "normal", "missing.wav"
     r = cli("wdx.pack", str(write_manifest(tmp_path, rows)), str(out))
     assert r.returncode == 1 and "manifest.csv:3:" in r.stderr and "No such file" in r.stderr

@@ -28,8 +28,27 @@ _SOUNDFILE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg
 _AV_FORMATS = {"m4a": ("mp4", "aac"), "aac": ("adts", "aac"), "opus": ("ogg", "libopus"), "webm": ("webm", "libopus")}
 
 
+PCM = "pcm"  # headerless 16-bit little-endian mono (KsponSpeech): only its stated rate says what it is
+
+
 class AudioDecodeError(ValueError):
     """The bytes are not audio that either decoder can read."""
+
+
+def decode_pcm(data: bytes, rate: int) -> tuple[np.ndarray, int]:
+    """Headerless 16-bit little-endian mono at `rate` -> float32 [1, frames], as decode_audio returns."""
+    if len(data) % 2:
+        raise AudioDecodeError(f"{len(data)} bytes of .pcm: an odd count cannot be 16-bit samples")
+    return (np.frombuffer(data, "<i2").astype(np.float32) / 32768.0)[None, :], rate
+
+
+def pcm_to_wav(data: bytes, rate: int) -> bytes:
+    """The same samples with a WAV header (lossless), so every reader knows the rate."""
+    if len(data) % 2:
+        raise AudioDecodeError(f"{len(data)} bytes of .pcm: an odd count cannot be 16-bit samples")
+    buf = io.BytesIO()
+    sf.write(buf, np.frombuffer(data, "<i2"), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:

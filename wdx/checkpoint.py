@@ -250,7 +250,7 @@ def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:
 
 # what a checkpoint was trained with that a resume must repeat, by the flag that sets it
 FREEZE_FLAGS = {"train_encoder_layers": "--train-encoder-layers", "train_decoder_layers": "--train-decoder-layers",
-                "domain_conditioning": "--domain-conditioning"}
+                "domain_conditioning": "--domain-conditioning", "domains": "--domains"}
 
 
 def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decoder_layers: int) -> dict:
@@ -261,7 +261,7 @@ def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decod
             "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(whisper.tokenizer), "domain_rows": DOMAIN_ROWS,
             "train_encoder_layers": train_encoder_layers, "train_decoder_layers": train_decoder_layers,
             "domain_conditioning": getattr(c, "domain_conditioning", "token"),
-            "frozen_sha256": whisper.frozen_sha256}
+            "domains": ",".join(getattr(c, "domains", None) or ()), "frozen_sha256": whisper.frozen_sha256}
 
 
 def check_fingerprint(checkpoint: str | Path, current: dict) -> None:

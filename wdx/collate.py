@@ -65,8 +65,9 @@ class Collator:
     """Samples -> {audio (or encoder_states), decoder_input_ids, labels, label_positions, label_ids, domain, text,
     key, ...}."""
 
-    def __init__(self, tokenizer, language: str, conditioning: str = "token") -> None:
-        self.prompts = {d: prompt_ids(tokenizer, language, d if conditioning == "token" else None) for d in DOMAINS}
+    def __init__(self, tokenizer, language: str, conditioning: str = "token",
+                 domains: tuple[str, ...] = DOMAINS) -> None:
+        self.prompts = {d: prompt_ids(tokenizer, language, d if conditioning == "token" else None) for d in domains}
         self.eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.tokenizer = tokenizer
 
@@ -79,7 +80,7 @@ class Collator:
         width = max(len(s) for s in seqs) - 1
         inputs = torch.full((len(seqs), width), self.eot, dtype=torch.long)
         labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        n_prompt = len(self.prompts[DOMAINS[0]])
+        n_prompt = len(next(iter(self.prompts.values())))
         for i, seq in enumerate(seqs):
             inputs[i, : len(seq) - 1] = torch.tensor(seq[:-1])
             labels[i, n_prompt - 1: len(seq) - 1] = torch.tensor(seq[n_prompt:])
@@ -87,5 +88,5 @@ class Collator:
         return dict(**encoder_input(samples), decoder_input_ids=inputs, labels=labels, label_positions=positions,
                     label_ids=targets,
                     prompt_ids=torch.tensor([self.prompts[s["domain"]] for s in samples]),
-                    target=[s.get("target") for s in samples],
+                    target=[s.get("target") for s in samples], fluent=[s.get("fluent") for s in samples],
                     **{k: [s[k] for s in samples] for k in ("text", "domain", "key", "duration")})

@@ -16,7 +16,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from .domains import DOMAINS
+from .conventions import CONVENTIONS, DUAL_SIDES, Convention
+from .domains import DOMAINS, parse_domains
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -40,8 +41,16 @@ class TrainConfig:
     target_sr: int = opt(16000, "sample rate audio is resampled to (Whisper expects 16000)", group="data")
     samples_per_shard: int | None = opt(None, "samples per shard to assume where metadata.json is missing",
                                         group="data")
-    default_domain: str | None = opt(None, "domain for samples whose sample and split name none",
-                                     choices=DOMAINS, group="data")
+    domains: str = opt(",".join(DOMAINS), "the speaker domains, comma-separated: one decoder token each; a sample "
+                       "of another domain is skipped (unknown_domain). A --base-model with domains of its own keeps "
+                       "them and gets the new ones after", group="data")
+    default_domain: str | None = opt(None, "domain for samples whose sample and split name none (one of --domains)",
+                                     group="data")
+    text_convention: str = opt("plain", "how the transcripts are written: plain (as is), or kspon (KsponSpeech / AI "
+                               "Hub markup, converted: see wdx/conventions.py); wdx.pack --text-convention converts "
+                               "at packing time instead", choices=CONVENTIONS, group="data")
+    dual_transcription: str = opt("pronunciation", "kspon's (spelling)/(pronunciation) pairs: the side trained on",
+                                  choices=DUAL_SIDES, group="data")
     train_split: str = opt("train", "training split directory under --dataset-root", group="data")
     eval_split: str = opt("val_small", "evaluation split directory under --dataset-root", group="data")
     shuffle_block: int = opt(256, "training samples shuffled together (raw bytes held per loader worker)",
@@ -151,6 +160,14 @@ class TrainConfig:
     def run_dir(self) -> str:  # only meaningful once validate() has required --run-name
         return f"{self.output_dir.rstrip('/')}/{self.run_name}"
 
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return parse_domains(self.domains)
+
+    @property
+    def convention(self) -> Convention:
+        return Convention(self.text_convention, self.dual_transcription)
+
     def precision(self) -> str:
         """The precision to train in; after `validate`, the flag or the launcher's (see resolve_precision)."""
         return self.mixed_precision or ("bf16" if self.bf16 else "fp16" if self.fp16 else "no")
@@ -167,6 +184,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"--{flag(name)} is required")
         if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
             raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain directory name")
+    try:
+        names = cfg.domain_names
+    except ValueError as exc:
+        raise ConfigError(f"--domains {cfg.domains!r}: {exc}") from None
+    if cfg.default_domain is not None and cfg.default_domain not in names:
+        raise ConfigError(f"--default-domain {cfg.default_domain!r}: not one of --domains ({', '.join(names)})")
     for f in dataclasses.fields(cfg):  # argparse's float() takes "nan" and "inf"
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -31,7 +31,8 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, tar_file_expander
 
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
+from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, decode_audio, decode_pcm, resample, to_mono, unusable
+from .conventions import PLAIN, Convention, convert
 from .domains import DOMAINS
 from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
 from .shards import DatasetError, Split, open_url
@@ -118,7 +119,7 @@ def iter_shard(url: str) -> Iterator[dict]:
         stream.close()
 
 
-MEMBER_TYPES = {*AUDIO_EXTENSIONS, "txt", "json", "domain", "states", "skip"}  # what a sample's members are
+MEMBER_TYPES = {*AUDIO_EXTENSIONS, PCM, "txt", "json", "domain", "states", "skip"}  # what a sample's members are
 
 
 def split_member_name(name: str) -> tuple[str | None, str | None]:
@@ -320,14 +321,18 @@ def decode(src: Iterable[tuple[tuple[int, int], dict]], decode_one: Callable[[di
 
 
 def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
-                  default_domain: str | None) -> dict | str:
+                  default_domain: str | None, convention: Convention = PLAIN,
+                  domains: tuple[str, ...] | None = DOMAINS) -> dict | str:
     """Decode one raw sample, or return the skip reason ("reason: detail").
 
-    `target_sr=None` keeps the source rate (for `wdx.inspect`, which only measures).
+    `target_sr=None` keeps the source rate (for `wdx.inspect`, which only measures). The
+    transcript is read under its corpus `convention` (wdx.conventions); `fluent` is its form
+    without fillers and marked repetitions (json `fluent_text`, written by wdx.pack, or the
+    conversion's), None when it equals the text.
     """
     if "__skip__" in raw:
         return raw["__skip__"]
-    audio = [e for e in AUDIO_EXTENSIONS if e in raw]
+    audio = [e for e in (*AUDIO_EXTENSIONS, PCM) if e in raw]
     if len(audio) > 1:
         return f"ambiguous_audio: .{' and .'.join(audio)} members; which one the transcript belongs to is unknown"
     ext = audio[0] if audio else None
@@ -338,18 +343,29 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if "txt" not in raw:
         return "no_transcript"
     try:
-        text = normalize_text(raw["txt"].decode("utf-8"))
+        written = raw["txt"].decode("utf-8")
     except UnicodeDecodeError:
-        return "bad_transcript_encoding: not UTF-8"
+        return "bad_transcript_encoding: not UTF-8 (python -m wdx.pack --text-encoding cp949 decodes CP949)"
+    converted = convert(written, convention)
+    if converted.problem:
+        return f"{converted.problem}: {written.strip()[:80]!r} under --text-convention {convention.name}"
+    text = converted.text
     if not text:
         return "empty_transcript"
     domain = resolve_domain(raw, split_domain, default_domain)
     if domain is not None and domain.startswith("bad_sample_json:"):
         return domain
-    if domain not in DOMAINS:
+    if domain is None or (domains is not None and domain not in domains):  # None: any (a model without tokens)
         return f"{'no_domain' if domain is None else 'unknown_domain'}: {domain!r}"
+    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}  # resolve_domain vouched for it
     try:
-        frames, rate = decode_audio(raw[ext], ext)
+        if ext == PCM:
+            if not isinstance(meta.get("sample_rate"), int):
+                return ("pcm_without_rate: a headerless .pcm needs the sample json's sample_rate "
+                        "(python -m wdx.pack --pcm-rate writes it as wav)")
+            frames, rate = decode_pcm(raw[ext], meta["sample_rate"])
+        else:
+            frames, rate = decode_audio(raw[ext], ext)
     except AudioDecodeError as exc:
         return f"corrupt_audio: {exc}"
     if frames.shape[1] == 0:
@@ -365,19 +381,16 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if problem:
         return problem
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
+    fluent = clean_target(meta.get(FLUENT_FIELD)) or converted.fluent
+    marks = dict(converted.marks) or meta.get("marks") or {}  # converted here, or by wdx.pack
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
-                channels=frames.shape[0], target=target_text(raw))
+                channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD)),
+                fluent=fluent if fluent != text else None, marks=marks,
+                raw_text=(meta.get("raw_text") or written.strip()) if marks else None)
 
 
+FLUENT_FIELD = "fluent_text"  # the transcript without fillers and marked repetitions (wdx.pack --text-convention)
 TARGET_FIELD = "target_text"  # the sample json's text the reader was asked to read (misread-word fidelity)
-
-
-def target_text(raw: dict) -> str | None:
-    """The text the reader was given (json `target_text`), normalised as transcripts are; None
-    when the sample has none. Called after resolve_domain has vouched for the json."""
-    if "json" not in raw:
-        return None
-    return clean_target(json.loads(raw["json"].decode("utf-8")).get(TARGET_FIELD))
 
 
 def clean_target(value) -> str | None:
@@ -469,7 +482,9 @@ class ShardedSamples(torch.utils.data.IterableDataset):
 
     def __init__(self, split: Split, *, rank: int, world_size: int, num_workers: int, batch_size: int,
                  train: bool, seed: int, target_sr: int, default_domain: str | None,
-                 shuffle_block: int, open_shards: int = 1, collate: Callable = default_collate,
+                 shuffle_block: int, convention: Convention = PLAIN, domains: tuple[str, ...] | None = DOMAINS,
+                 open_shards: int = 1,
+                 collate: Callable = default_collate,
                  encode_text: Callable[[str], list[int] | str] | None = None,
                  read_sample: Callable[[dict], dict | str] | None = None) -> None:
         self.split, self.rank, self.world_size = split, rank, world_size
@@ -480,7 +495,8 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         self.collate, self.encode_text = collate, encode_text
         # raw tar sample -> decoded sample or skip verdict: the audio decoder, or the encoder cache's reader
         self.read_sample = read_sample or functools.partial(decode_sample, target_sr=target_sr,
-                                                            split_domain=split.domain, default_domain=default_domain)
+                                                            split_domain=split.domain, default_domain=default_domain,
+                                                            convention=convention, domains=domains)
         self._epoch = mp.Value("q", 0, lock=False)
         self._start = mp.Array("q", [0] * (3 * self.workers + 1), lock=False)
         n_slots = world_size * self.workers

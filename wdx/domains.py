@@ -1,8 +1,17 @@
-"""The two speaker domains and the decoder tokens that name them."""
+"""The speaker domains and the decoder tokens that name them.
+
+Two by default (`normal`, `dyslexic`); a run may name others with `--domains` (severity
+levels, age groups, other reading difficulties): one token each. A trained model records its
+domains in its config (`domains`), and every tool reads them from there.
+"""
 
 from __future__ import annotations
 
-DOMAINS: tuple[str, ...] = ("normal", "dyslexic")
+import re
+
+DOMAINS: tuple[str, ...] = ("normal", "dyslexic")  # --domains' default
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_TOKEN = re.compile(r"<\|domain:([a-z0-9][a-z0-9_-]{0,31})\|>")
 
 
 def domain_token(domain: str) -> str:
@@ -12,3 +21,30 @@ def domain_token(domain: str) -> str:
 
 DOMAIN_TOKENS: tuple[str, ...] = tuple(domain_token(d) for d in DOMAINS)
 
+
+def parse_domains(value: str) -> tuple[str, ...]:
+    """"normal,dyslexic,adhd" -> the names, in order; a ValueError names what is wrong."""
+    names = tuple(d.strip() for d in value.split(","))
+    bad = [d for d in names if not _NAME.fullmatch(d)]
+    if bad:
+        raise ValueError(f"domain names are lower-case letters, digits, '_' and '-' (at most 32): {bad}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a domain is named twice: {value}")
+    return names
+
+
+def vocab_domains(vocab) -> tuple[str, ...]:
+    """The domains whose tokens a tokenizer holds, in id order (a model trained before domains
+    were recorded in its config)."""
+    found = sorted((i, m.group(1)) for t, i in vocab.items() if (m := _TOKEN.fullmatch(t)))
+    return tuple(name for _, name in found)
+
+
+def model_domains(config, vocab) -> tuple[str, ...]:
+    """The domains a model was trained with: its config's record, else its vocabulary's tokens
+    (empty for a base model, or one trained with --domain-conditioning none)."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if get("domain_conditioning", "token") == "none":
+        return ()
+    recorded = get("domains", None)
+    return tuple(recorded) if recorded else vocab_domains(vocab)

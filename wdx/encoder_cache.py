@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from . import audio, data, features, text
+from . import audio, conventions, data, features, text
 from .accel import agree, gather_list, sum_counts, zero_stage
 from .config import ConfigError, TrainConfig
+from .conventions import Convention
 from .data import Skips, decode_sample, pad_audio, read_segments
 from .evaluation import model_input
 from .features import HOP_LENGTH, N_FFT, SAMPLE_RATE
@@ -56,14 +57,16 @@ from .shards import Split, is_url, open_url
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "fingerprint.json"
-VERSION = 2
+VERSION = 3  # 3: the transcript convention, and each record's fluent text
+RECORD = ("text", "domain", "duration", "target", "fluent")  # what a cached sample keeps besides its states
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # fingerprint field -> what the user changes to change it (the refusal names it)
 CAUSES = {"version": "the cache format of this trainer", "prefix_sha256": "--base-model (its frozen weights)",
           "code": "this trainer's audio decoding, text normalisation or log-mel code (changed since the build)",
           "frozen_blocks": "--train-encoder-layers", "d_model": "--base-model", "n_mels": "--base-model",
           "mel": "the log-mel settings of wdx.features", "dtype": "--mixed-precision",
-          "target_sr": "--target-sr", "default_domain": "--default-domain", "splits": "--dataset-root"}
+          "target_sr": "--target-sr", "default_domain": "--default-domain", "splits": "--dataset-root",
+          "convention": "--text-convention / --dual-transcription", "domains": "--domains"}
 
 
 class CacheError(ConfigError):
@@ -80,8 +83,8 @@ def prefix_sha256(model) -> str:
 def code_sha256() -> str:
     """A hash of the code that turns a tar sample into cached states and records: a fix there
     must not be bypassed by states made before it."""
-    parts = [inspect.getsource(m) for m in (audio, features, text)]
-    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.target_text, data.clean_target,
+    parts = [inspect.getsource(m) for m in (audio, conventions, features, text)]
+    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.clean_target,
                                              data.group_members, data.split_member_name, model_input)]
     parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -134,7 +137,8 @@ def fingerprint(cfg: TrainConfig, model, splits: list[Split], dtype: torch.dtype
     return {"version": VERSION, "prefix_sha256": prefix_sha256(model), "code": code_sha256(),
             "frozen_blocks": model.frozen_prefix, "d_model": c.d_model, "n_mels": c.num_mel_bins,
             "mel": [SAMPLE_RATE, N_FFT, HOP_LENGTH], "dtype": str(dtype).removeprefix("torch."),
-            "target_sr": cfg.target_sr, "default_domain": cfg.default_domain,
+            "target_sr": cfg.target_sr, "default_domain": cfg.default_domain, "convention": list(cfg.convention),
+            "domains": list(cfg.domain_names),
             "splits": {s.name: {"domain": s.domain, "shards": shard_list(s, remote)} for s in splits}}
 
 
@@ -249,7 +253,7 @@ def read_cached(raw: dict, *, dtype: torch.dtype, shape: tuple[int, int]) -> dic
     except (KeyError, ValueError, RuntimeError) as exc:
         return f"corrupt_cache: {type(exc).__name__} {exc}"
     return dict(states=states, text=meta["text"], domain=meta["domain"], duration=meta["duration"],
-                target=meta.get("target"))
+                target=meta.get("target"), fluent=meta.get("fluent"))
 
 
 class _ShardClips(torch.utils.data.IterableDataset):
@@ -260,10 +264,10 @@ class _ShardClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, split: Split, shards: list[int], batch_size: int, target_sr: int,
-                 default_domain: str | None) -> None:
+                 default_domain: str | None, convention: Convention, domains: tuple[str, ...]) -> None:
         self.split, self.shards, self.batch_size = split, shards, batch_size
         self.decode = functools.partial(decode_sample, target_sr=target_sr, split_domain=split.domain,
-                                        default_domain=default_domain)
+                                        default_domain=default_domain, convention=convention, domains=domains)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -278,8 +282,7 @@ class _ShardClips(torch.utils.data.IterableDataset):
                     records.append({"key": raw["__key__"], "skip": result})
                     continue
                 clips.append(result)
-                records.append({"key": raw["__key__"], "text": result["text"], "domain": result["domain"],
-                                "duration": result["duration"], "target": result["target"]})
+                records.append({"key": raw["__key__"], **{k: result[k] for k in RECORD}})
                 if len(clips) == self.batch_size:
                     yield self._batch(shard, records, clips, skips, done=False)
                     records, clips = [], []
@@ -292,7 +295,8 @@ class _ShardClips(torch.utils.data.IterableDataset):
 
 
 def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_size: int, workers: int,
-                target_sr: int, default_domain: str | None, dtype: torch.dtype, autocast,
+                target_sr: int, default_domain: str | None, convention: Convention, domains: tuple[str, ...],
+                dtype: torch.dtype, autocast,
                 device: torch.device) -> tuple[int, Counter]:
     """Write the cache shards `shards` of `split` into `out_dir`; returns (clips encoded, skips).
 
@@ -301,7 +305,8 @@ def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names = cache_names(split)
-    loader = torch.utils.data.DataLoader(_ShardClips(split, shards, batch_size, target_sr, default_domain),
+    loader = torch.utils.data.DataLoader(_ShardClips(split, shards, batch_size, target_sr, default_domain, convention,
+                                                     domains),
                                          batch_size=None, num_workers=workers)
     writers: dict[int, wds.TarWriter] = {}
     clips, skips = 0, Counter()
@@ -333,7 +338,7 @@ def _write(writers: dict, path: Path, batch: dict, states: torch.Tensor | None) 
         if "skip" in record:
             writer.write({"__key__": record["key"], "skip": record["skip"].encode("utf-8")})
             continue
-        meta = {name: record[name] for name in ("text", "domain", "duration", "target")}
+        meta = {name: record[name] for name in RECORD}
         writer.write({"__key__": record["key"], "states": states[k].contiguous().view(torch.uint8).numpy().tobytes(),
                       "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
         k += 1
@@ -407,7 +412,9 @@ def ensure(cfg: TrainConfig, accelerator, model, splits: list[Split], dtype: tor
                          len(split.urls), rank)
                 n, s = build_split(model, split, root / split.name, todo, batch_size=cfg.per_device_eval_batch_size,
                                    workers=cfg.num_workers, target_sr=cfg.target_sr,
-                                   default_domain=cfg.default_domain, dtype=dtype, autocast=accelerator.autocast,
+                                   default_domain=cfg.default_domain, convention=cfg.convention,
+                                   domains=cfg.domain_names, dtype=dtype,
+                                   autocast=accelerator.autocast,
                                    device=accelerator.device)
                 clips, skips = clips + n, skips + s
     except OSError as exc:  # a full or read-only disk: every rank stops with the same line

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
-from .data import TARGET_FIELD, ShardedSamples, clean_target, make_loader
+from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention, convert
+from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
 from .longform import transcribe_long
@@ -89,8 +90,10 @@ def list_rows(path: Path) -> list:
     return rows
 
 
-def list_items(path: Path) -> list[dict]:
-    """JSON array or JSONL of {audio_path, text, domain}; paths relative to the list's folder."""
+def list_items(path: Path, convention: Convention = PLAIN) -> list[dict]:
+    """JSON array or JSONL of {audio_path, text, domain}; paths relative to the list's folder;
+    `text` as written under `convention` (a `fluent_text` field, or the conversion, gives the
+    fluent reference)."""
     items = []
     for n, row in enumerate(list_rows(path), start=1):
         if not isinstance(row, dict):
@@ -99,11 +102,15 @@ def list_items(path: Path) -> list[dict]:
         missing = [k for k in ("audio_path", "text", "domain") if not row.get(k)]
         if missing:
             raise InputError(f"{path}: entry {n} lacks {', '.join(missing)}")
-        if row["domain"] not in DOMAINS:
-            raise InputError(f"{path}: entry {n}: unknown domain {row['domain']!r}")
+        converted = convert(row["text"], convention)
+        if converted.problem or not converted.text:
+            raise InputError(f"{path}: entry {n}: text {row['text'][:80]!r} is "
+                             f"{'empty' if not converted.text else 'still marked up'} under --text-convention "
+                             f"{convention.name}")
+        fluent = clean_target(row.get(FLUENT_FIELD)) or converted.fluent
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
-                          text=normalize_text(row["text"]), domain=row["domain"],
-                          target=clean_target(row.get(TARGET_FIELD))))
+                          text=converted.text, domain=row["domain"], target=clean_target(row.get(TARGET_FIELD)),
+                          fluent=fluent if fluent != converted.text else None))
     return items
 
 
@@ -120,12 +127,22 @@ def dir_items(folder: Path, domain: str) -> list[dict]:
     return items
 
 
-def check_domain_flags(transcriber: Transcriber, model, flags: list[str]) -> None:
+def check_domain_flags(transcriber: Transcriber, model, flags: list[str], domain: str | None = None) -> None:
     """A model without domain tokens (trained with --domain-conditioning none, or a plain
-    Whisper) cannot be asked for a domain prompt: one line, not a silent 4-token prompt."""
+    Whisper) cannot be asked for a domain prompt, nor one for a domain it was not trained
+    with: one line, not a silent 4-token prompt."""
     if flags and not transcriber.has_domains:
         raise InputError(f"{model}: has no domain token (trained with --domain-conditioning none, or not by "
                          f"train_loop.py); drop {' and '.join(flags)}")
+    if domain is not None and transcriber.has_domains and domain not in transcriber.domains:
+        raise InputError(f"--domain {domain}: {model} knows {', '.join(transcriber.domains)}")
+
+
+def check_item_domains(transcriber: Transcriber, items: list[dict], where: Path) -> None:
+    """Every listed clip's domain must be one the model was trained with (any, for a model without tokens)."""
+    unknown = sorted({i["domain"] for i in items} - set(transcriber.domains)) if transcriber.has_domains else []
+    if unknown:
+        raise InputError(f"{where}: unknown domain {unknown[0]!r} (the model knows {', '.join(transcriber.domains)})")
 
 
 def check_output(path: Path | None, flag: str = "--json") -> None:
@@ -155,10 +172,12 @@ def file_batches(items: list[dict], batch_size: int, skipped: Counter) -> Iterat
 
 
 def dataset_batches(root: str, split: str, batch_size: int, workers: int, default_domain: str | None,
-                    skipped: Counter):
-    """Batches of decoded samples; every skipped sample is counted into `skipped` by reason."""
-    ds = ShardedSamples(load_split(root, split), rank=0, world_size=1, num_workers=workers, batch_size=batch_size,
-                        train=False, seed=0, target_sr=16000, default_domain=default_domain, shuffle_block=1,
+                    skipped: Counter, convention: Convention = PLAIN, domains: tuple[str, ...] | None = DOMAINS):
+    """Batches of decoded samples; every skipped sample is counted into `skipped` by reason.
+    `domains`: the model's (None: any, for a model without domain tokens)."""
+    ds = ShardedSamples(load_split(root, split, domains=domains), rank=0, world_size=1, num_workers=workers,
+                        batch_size=batch_size, train=False, seed=0, target_sr=16000,
+                        default_domain=default_domain, shuffle_block=1, convention=convention, domains=domains,
                         collate=lambda samples: {"samples": samples})
     ds.set_epoch(0)
     for batch in make_loader(ds, workers):
@@ -173,7 +192,8 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
         for samples in batches:
             clips = [s["audio"] for s in samples]
             if compare:  # every clip under every domain token; its own token's transcript is the result
-                extra = {d: transcribe_long(transcriber, clips, [d] * len(clips), batch_size) for d in DOMAINS}
+                extra = {d: transcribe_long(transcriber, clips, [d] * len(clips), batch_size)
+                         for d in transcriber.domains}
                 hyps = [extra[s["domain"]][i] for i, s in enumerate(samples)]
             else:
                 hyps = transcribe_long(transcriber, clips, [s["domain"] for s in samples], batch_size)
@@ -182,9 +202,9 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
                 # a shard member may not
                 uid = str(s["path"]) if "path" in s else f"{s['shard']}/{s['key']}"
                 row = dict(key=s["key"], id=uid, domain=s["domain"], ref=s["text"], hyp=hyps[i],
-                           cer=cer([s["text"]], [hyps[i]]), target=s.get("target"))
+                           cer=cer([s["text"]], [hyps[i]]), target=s.get("target"), fluent=s.get("fluent"))
                 if compare:
-                    row["hyp_by_prompt"] = {d: extra[d][i] for d in DOMAINS}
+                    row["hyp_by_prompt"] = {d: extra[d][i] for d in transcriber.domains}
                 rows.append(row)
             bar.update(len(samples))
     return rows
@@ -226,13 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--list", type=Path, help="JSON/JSONL with audio_path, text, domain")
     src.add_argument("--dir", type=Path, help="folder of audio files with same-named .txt references")
     parser.add_argument("--split", default="val_small", help="split of --dataset")
-    parser.add_argument("--domain", choices=DOMAINS, help="domain of every clip in --dir; default domain for "
+    parser.add_argument("--domain", help="domain of every clip in --dir; default domain for "
                         "--dataset samples that name none")
     parser.add_argument("--compare-domains", action="store_true", help="also decode with every domain token")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers for --dataset")
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
+    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
+                        help="how the references are written, as train_loop.py's flag (kspon: converted, and a "
+                        "second CER without fillers and marked repetitions)")
+    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="two --json outputs on the same samples: CER of each, B - A and its paired bootstrap 95 %% "
                           "interval per domain (no model needed)")
     args = parser.parse_args(argv)
+    convention = Convention(args.text_convention, args.dual_transcription)
     if args.compare:
         return compare_main(args.compare, args.json)
     if not args.model or not (args.dataset or args.list or args.dir):
@@ -253,14 +278,19 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--dir needs --domain (the clips' speaker domain)")
         check_output(args.json)
         if args.dataset:
-            total = load_split(args.dataset, args.split).total
-            batches = dataset_batches(args.dataset, args.split, args.batch_size, args.num_workers, args.domain,
-                                      skipped)
+            total = None  # counted once the model has said its domains
         else:
-            items = list_items(args.list) if args.list else dir_items(args.dir, args.domain)
-            total, batches = len(items), file_batches(items, args.batch_size, skipped)
+            items = list_items(args.list, convention) if args.list else dir_items(args.dir, args.domain)
+            total = len(items)
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
-        check_domain_flags(transcriber, args.model, ["--compare-domains"] * args.compare_domains)
+        check_domain_flags(transcriber, args.model, ["--compare-domains"] * args.compare_domains, args.domain)
+        if args.dataset:  # a model without domain tokens is scored on every domain's samples
+            total = load_split(args.dataset, args.split, domains=transcriber.domains or None).total
+            batches = dataset_batches(args.dataset, args.split, args.batch_size, args.num_workers, args.domain,
+                                      skipped, convention, transcriber.domains or None)
+        else:
+            check_item_domains(transcriber, items, args.list or args.dir)
+            batches = file_batches(items, args.batch_size, skipped)
         rows = run(transcriber, batches, total, args.compare_domains, args.batch_size)
         if not rows:
             where = f"{args.dataset} split {args.split}" if args.dataset else str(args.list or args.dir)
@@ -268,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, DatasetError, ValueError, OSError) as exc:
         print(f"wdx.evaluate: error: {exc}", file=sys.stderr)
         return 1
-    results = by_domain(rows)
+    results = by_domain(rows, transcriber.domains or DOMAINS)
     report = {"model": str(args.model), "domain_prompt": transcriber.has_domains, "results": results,
               "skipped": dict(skipped), "samples": rows}
     if skipped:
@@ -276,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, title=f"{args.model} ({'with' if transcriber.has_domains else 'without'} "
                                       "domain prompt)"))
     if args.compare_domains:
-        report["compare_domains"] = prompt_table(rows)
+        report["compare_domains"] = prompt_table(rows, transcriber.domains)
         for true, r in report["compare_domains"].items():
-            print(f"  {true:<9} CER with <|domain:normal|> {r['prompt_normal']:.4f}, with <|domain:dyslexic|> "
-                  f"{r['prompt_dyslexic']:.4f}; text changed for {r['changed']}/{r['n']}")
+            cers = ", ".join(f"with <|domain:{p}|> {r[f'prompt_{p}']:.4f}" for p in transcriber.domains)
+            print(f"  {true:<9} CER {cers}; text changed for {r['changed']}/{r['n']}")
     if args.json:
         args.json.write_text(json.dumps(report, ensure_ascii=False, indent=1))
     return 1 if skipped["unreadable_file"] else 0  # a file the user named; dataset skips are counted, as in training

@@ -95,6 +95,8 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
+    domains = tuple(getattr(unwrapped.config, "domains", None) or DOMAINS)  # the model's, as trained
+    compared = domains if compare_domains else ()
     device = accelerator.device
     rows, skips = [], {}
     loss_sum = torch.zeros((), device=device)
@@ -109,28 +111,30 @@ def evaluate(accelerator, model, loader, tokenizer, *, n_mels: int, max_new_toke
             continue  # only the skips after a slot's last sample
         last = batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss, n, batch_rows = _eval_batch(accelerator, unwrapped, batch, tokenizer, n_mels, max_new_tokens, pad_to,
-                                          compare_domains)
+                                          compared)
         loss_sum += loss
         tokens += n
         rows += batch_rows
         done += 1
     while pad_to is not None and done < pad_to:
         _eval_batch(accelerator, unwrapped, last or _dummy_batch(tokenizer, device), tokenizer, n_mels,
-                    max_new_tokens, pad_to, compare_domains)
+                    max_new_tokens, pad_to, compared)
         done += 1
     totals = accelerator.reduce(torch.stack([loss_sum, tokens]), reduction="sum")
     rows = gather_list(accelerator, rows)
     all_skips = dict(sum_counts(accelerator, skips))
     model.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
-    out = {"loss": loss, "results": by_domain(rows), "rows": rows, "skips": all_skips}
+    out = {"loss": loss, "results": by_domain(rows, domains), "rows": rows, "skips": all_skips}
     if compare_domains:
-        out["prompts"] = prompt_table(rows)
+        out["prompts"] = prompt_table(rows, domains)
     return out
 
 
 def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new_tokens: int,
-                pad_to: int | None, compare_domains: bool) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+                pad_to: int | None, compared: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The batch's loss sum, label count and rows; with `compared` (the model's domains) each
+    clip is also decoded under every other domain's token."""
     inputs = model_input(batch, n_mels, model.dtype)  # fp32 log-mel maths outside autocast, as in training
     eos, synced = model.generation_config.eos_token_id, pad_to is not None
     with accelerator.autocast():
@@ -138,8 +142,8 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
         loss = token_loss_sum(model, inputs, batch, encoded)  # the bare module: no DDP collectives
         new = generate(model, None, batch["prompt_ids"], max_new_tokens, synced, encoded)
         by_prompt = {}
-        for shift in range(1, len(DOMAINS)) if compare_domains else ():  # each clip under every other token
-            domains = [DOMAINS[(DOMAINS.index(d) + shift) % len(DOMAINS)] for d in batch.get("domain", [])]
+        for shift in range(1, len(compared)):  # each clip under every other token
+            domains = [compared[(compared.index(d) + shift) % len(compared)] for d in batch.get("domain", [])]
             prompts = batch["prompt_ids"].clone()
             if domains:
                 prompts[:, -1] = torch.tensor(tokenizer.convert_tokens_to_ids([domain_token(d) for d in domains]),
@@ -149,10 +153,10 @@ def _eval_batch(accelerator, model, batch: dict, tokenizer, n_mels: int, max_new
     n = (batch["labels"] != IGNORE).sum()
     # cut off at the limit: no <|endoftext|> in max_new_tokens tokens (one host sync per eval batch)
     capped = ((new != eos).all(dim=1) & (new.shape[1] >= max_new_tokens)).tolist()
-    rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c, target=t) for k, d, r, h, c, t in
+    rows = [dict(key=k, domain=d, ref=r, hyp=h, capped=c, target=t, fluent=f) for k, d, r, h, c, t, f in
             zip(batch.get("key", []), batch.get("domain", []), batch.get("text", []), decode(tokenizer, new), capped,
-                batch.get("target", []))]
-    for i, row in enumerate(rows if compare_domains else []):
+                batch.get("target", []), batch.get("fluent", []))]
+    for i, row in enumerate(rows if compared else []):
         row["hyp_by_prompt"] = {row["domain"]: row["hyp"], **{ds[i]: hs[i] for ds, hs in by_prompt.values()}}
     return loss, n, rows
 

@@ -11,7 +11,7 @@ from transformers import WhisperForConditionalGeneration
 
 from .accel import whole_model_init
 from .config import ConfigError
-from .domains import DOMAIN_TOKENS
+from .domains import DOMAINS, domain_token
 from .lm_head import EMBEDDING_KEY, ROWS_KEY, plain_whisper
 from .metrics import format_table
 
@@ -40,7 +40,8 @@ def write_final(accelerator, model, tokenizer, feature_extractor, out: str | Pat
         tokenizer.save_pretrained(out)
         feature_extractor.save_pretrained(out)
         (out / "train_config.json").write_text(config_json)
-        (out / "README.md").write_text(model_card(cfg, eval_results, best))
+        (out / "README.md").write_text(model_card(cfg, eval_results, best,
+                                                        tuple(getattr(final.config, "domains", None) or DOMAINS)))
     accelerator.wait_for_everyone()
     return out
 
@@ -59,7 +60,7 @@ def final_model(base_model: str, trained_model, trained: dict[str, torch.Tensor]
     return plain_whisper(trained_model.config, trained_model.generation_config, state)
 
 
-def prompt_lines(conditioning: str) -> list[str]:
+def prompt_lines(conditioning: str, domains: tuple[str, ...] = DOMAINS) -> list[str]:
     """How to prompt the model, as trained."""
     if conditioning == "none":
         return ["Trained without a domain token (`--domain-conditioning none`, the baseline): the prompt is", "",
@@ -68,27 +69,40 @@ def prompt_lines(conditioning: str) -> list[str]:
                 "`decoder_input_ids` to `GenerationMixin.generate`.", ""]
     return ["The decoder is conditioned on the speaker domain: the prompt is", "",
             "`<|startoftranscript|> <|ko|> <|transcribe|> <|notimestamps|> <|domain:X|>`", "",
-            f"with X in {', '.join(DOMAIN_TOKENS)}. Transcribe with `python -m wdx.transcribe` from the training "
-            "repository, or pass that prompt as `decoder_input_ids` to `GenerationMixin.generate`.", ""]
+            f"with X in {', '.join(domain_token(d) for d in domains)}. Transcribe with `python -m wdx.transcribe` "
+            "from the training repository, or pass that prompt as `decoder_input_ids` to "
+            "`GenerationMixin.generate`.", ""]
 
 
-def model_card(cfg: dict, eval_results: dict | None, best: dict | None = None) -> str:
+def transcript_lines(convention: str, dual: str) -> list[str]:
+    """What the transcripts it was trained on keep: what its output will keep."""
+    if convention == "plain":
+        return []
+    return [f"Trained on transcripts in the `{convention}` convention (KsponSpeech / AI Hub markup converted by "
+            f"wdx/conventions.py): the {dual} side of dual transcriptions; fillers, repetitions and fragments kept "
+            "as said; noise and event tags removed.", ""]
+
+
+def model_card(cfg: dict, eval_results: dict | None, best: dict | None = None,
+               domains: tuple[str, ...] = DOMAINS) -> str:
     """A short card: what the model is, how it was trained, how to prompt it, how it scored.
     `best`: {step, metric, value} when these are an earlier checkpoint's weights (early stopping)."""
     settings = {k: cfg[k] for k in ("base_model", "language", "learning_rate", "per_device_train_batch_size",
                                     "grad_accum", "num_train_epochs", "max_steps", "warmup_steps",
-                                    "lr_scheduler_type", "domain_conditioning", "train_encoder_layers",
+                                    "lr_scheduler_type", "domain_conditioning", "text_convention",
+                                    "dual_transcription", "train_encoder_layers",
                                     "train_decoder_layers", "mixed_precision", "seed", "metric_for_best_model",
                                     "early_stopping_patience", "early_stopping_threshold") if k in cfg}
     which = (f"These are the weights of step {best['step']}, the best evaluation by {best['metric']} "
              f"({best['value']:.4f}); training stopped early. " if best else "")
     table = format_table(eval_results) if eval_results else "(no evaluation was run)"
-    prompt = prompt_lines(cfg.get("domain_conditioning", "token"))
+    prompt = prompt_lines(cfg.get("domain_conditioning", "token"), domains)
     return "\n".join([
         "---", "language: ko", "tags: [whisper, automatic-speech-recognition, dyslexia]", "---", "",
         f"# {cfg.get('run_name', 'whisper')}", "",
         f"Whisper fine-tuned from `{cfg.get('base_model')}` on Korean speech of typical and dyslexic readers. "
         + prompt[0], *prompt[1:],
+        *transcript_lines(cfg.get("text_convention", "plain"), cfg.get("dual_transcription", "pronunciation")),
         "## Evaluation (CER without punctuation and spaces; WER on words)", "", which + "Held-out split:", "",
         "```", table, "```", "",
         "## Training settings", "", "```json", json.dumps(settings, indent=1), "```", "",

@@ -6,8 +6,8 @@ The weights go through ctranslate2's own Transformers converter. OUT also gets t
 tokenizer (tokenizer.json, with the domain tokens), the feature extractor config (the
 number of mel bins: 128 for large-v3, 80 before it) and `domain_prompts.json`: the token
 ids each consumer must put in front of decoding, per domain (one 4-token prompt, "none",
-for a model trained with --domain-conditioning none). Without the domain token the
-model decodes as the base model would.
+for a model trained with --domain-conditioning none). Serve it with faster-whisper through
+`wdx.deploy.DomainWhisperModel`, which puts that prompt on every 30 s window.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .collate import prompt_ids
-from .domains import DOMAIN_TOKENS, DOMAINS
+from .domains import domain_token, model_domains
 from .inference import check_model_files
 
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "float16", "float32")
@@ -68,14 +68,15 @@ def domain_prompts(final: Path, language: str) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)
-    conditioning = json.loads((final / "config.json").read_text()).get("domain_conditioning", "token")
-    if conditioning == "none":
+    config = json.loads((final / "config.json").read_text())
+    if config.get("domain_conditioning", "token") == "none":
         ids = prompt_ids(tokenizer, language, None)
         return {"none": {"tokens": tokenizer.convert_ids_to_tokens(ids), "ids": ids}}
-    if not all(t in tokenizer.get_vocab() for t in DOMAIN_TOKENS):
+    domains = model_domains(config, tokenizer.get_vocab())
+    if not domains or not all(domain_token(d) in tokenizer.get_vocab() for d in domains):
         raise ExportError(f"{final}: the tokenizer has no domain tokens; not a model trained by train_loop.py")
     out = {}
-    for domain in DOMAINS:
+    for domain in domains:
         ids = prompt_ids(tokenizer, language, domain)
         out[domain] = {"tokens": tokenizer.convert_ids_to_tokens(ids), "ids": ids}
     return out
@@ -124,7 +125,7 @@ def strip_space_before_domain_tokens(path: Path) -> None:
     """
     tokenizer = json.loads(path.read_text())
     for token in tokenizer.get("added_tokens", []):
-        if token["content"] in DOMAIN_TOKENS:
+        if token["content"].startswith("<|domain:"):
             token["lstrip"] = True
     path.write_text(json.dumps(tokenizer, ensure_ascii=False))
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
 from .collate import prompt_ids
-from .domains import DOMAIN_TOKENS
+from .domains import DOMAINS, model_domains, parse_domains
 from .evaluation import generate
 from .features import log_mel
 
@@ -38,11 +38,13 @@ class Transcriber:
             self.model, self.tokenizer = load(model_dir)
             self.model.to(device).eval()
         self.device, self.language, self.max_new_tokens = torch.device(device), language, max_new_tokens
-        vocab = self.tokenizer.get_vocab()
-        conditioned = getattr(getattr(self.model, "config", None), "domain_conditioning", "token") != "none"
-        self.has_domains = conditioned and all(t in vocab for t in DOMAIN_TOKENS)
+        config = getattr(self.model, "config", None) or {}
+        self.domains = model_domains(config, self.tokenizer.get_vocab())  # () for a base model: no domain token
+        self.has_domains = bool(self.domains)
 
     def prompt(self, domain: str) -> list[int]:
+        if self.has_domains and domain not in self.domains:
+            raise ValueError(f"domain {domain!r}: this model knows {', '.join(self.domains)}")
         return prompt_ids(self.tokenizer, self.language, domain if self.has_domains else None)
 
     @torch.no_grad()
@@ -77,6 +79,9 @@ class CT2Whisper:
         config = json.loads((path / "config.json").read_text())
         self.suppress_blank = bool(config.get("suppress_ids_begin"))  # HF's begin_suppress_tokens
         self.no_timestamps = no_timestamps
+        prompts = path / "domain_prompts.json"  # wdx.export_ct2's record of the domains (or "none")
+        names = list(json.loads(prompts.read_text())) if prompts.is_file() else []
+        self.config = {"domain_conditioning": "none"} if names == ["none"] else {"domains": names}
 
     def generate(self, features: np.ndarray, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         import ctranslate2
@@ -139,7 +144,8 @@ def load(model_dir: str | Path) -> tuple[WhisperForConditionalGeneration, object
 
         cfg = json.loads((path / "train_config.json").read_text())
         whisper, _ = setup(cfg["base_model"], language=cfg["language"], encoder_layers=0, decoder_layers=0,
-                           conditioning=cfg.get("domain_conditioning", "token"))
+                           conditioning=cfg.get("domain_conditioning", "token"),
+                           domains=parse_domains(cfg.get("domains", ",".join(DOMAINS))))
         missing, unexpected = whisper.model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
         if unexpected or set(missing) - {"proj_out.weight", "proj_out.domain_rows"}:  # tied to the embedding
             raise ValueError(f"{path}: weights do not fit {cfg['base_model']} (missing {missing[:3]}, "

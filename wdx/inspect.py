@@ -3,7 +3,9 @@
     python -m wdx.inspect ROOT [--splits train val_small] [--json OUT.json]
 
 Per split: shards, samples (metadata.json vs counted in the tars), hours, domain balance,
-formats / sample rates / channels, and the samples the trainer would skip, by reason.
+formats / sample rates / channels, the samples the trainer would skip, by reason, and the
+transcripts that carried corpus markup (--text-convention kspon, or packed with it), by mark,
+with examples as written and as trained.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention
 from .data import Skips, _first_arg, decode_sample, iter_shard, shard_name
+from .domains import DOMAINS, parse_domains
 from .model import ModelLoadError
 from .shards import DatasetError, Split, load_split
 
 DEFAULT_SPLITS = ("train", "val_small")
+EXAMPLES = 3  # marked-up transcripts shown per split
 
 
 @dataclass
@@ -40,9 +45,13 @@ class SplitReport:
     skipped: Counter = field(default_factory=Counter)
     count_mismatches: list = field(default_factory=list)  # (shard, metadata, counted)
     one_domain_shards: int = 0  # shards whose usable samples are all of one domain (of several in the split)
+    marks: Counter = field(default_factory=Counter)  # transcripts that carried each kind of markup
+    marked: int = 0  # transcripts that carried any
+    examples: list = field(default_factory=list)  # (as written, as trained), the first few
 
 
-def inspect_split(split: Split, default_domain: str | None = None, encode_text=None) -> SplitReport:
+def inspect_split(split: Split, default_domain: str | None = None, encode_text=None,
+                  convention: Convention = PLAIN, domains: tuple[str, ...] = DOMAINS) -> SplitReport:
     """Read every sample of `split` the way the trainer does (no resampling). `encode_text`
     (collate.make_text_encoder of --base-model's tokenizer) also checks transcript lengths."""
     report = SplitReport(split.name, len(split.urls), split.total)
@@ -55,7 +64,7 @@ def inspect_split(split: Split, default_domain: str | None = None, encode_text=N
                     if "__extra__" not in raw:  # members of an earlier key: not a sample of their own
                         counted += 1
                         bar.update()
-                    _add(report, skips, raw, split, default_domain, encode_text)
+                    _add(report, skips, raw, split, default_domain, encode_text, convention, domains)
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
                 skips.skip("corrupt_shard", shard_name(url), "-", _first_arg(exc))
             report.counted_samples += counted
@@ -69,8 +78,9 @@ def inspect_split(split: Split, default_domain: str | None = None, encode_text=N
 
 
 def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_domain: str | None,
-         encode_text) -> None:
-    sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain)
+         encode_text, convention: Convention, domains: tuple[str, ...]) -> None:
+    sample = decode_sample(raw, target_sr=None, split_domain=split.domain, default_domain=default_domain,
+                           convention=convention, domains=domains)
     if not isinstance(sample, str) and encode_text is not None:
         ids = encode_text(sample["text"])
         sample = ids if isinstance(ids, str) else sample
@@ -83,6 +93,11 @@ def _add(report: SplitReport, skips: Skips, raw: dict, split: Split, default_dom
     report.formats[sample["format"]] += 1
     report.sample_rates[sample["sample_rate"]] += 1
     report.channels[sample["channels"]] += 1
+    if sample["marks"]:
+        report.marked += 1
+        report.marks.update(sample["marks"].keys())
+        if len(report.examples) < EXAMPLES:
+            report.examples.append((sample["raw_text"], sample["text"]))
 
 
 def text_encoder(base_model: str):
@@ -118,6 +133,9 @@ def format_report(r: SplitReport) -> str:
     if r.one_domain_shards:
         lines.append(f"  one-domain shards {r.one_domain_shards} of {r.shards}: a batch mixes only the few shards a "
                      "loader worker has open; repack with wdx.pack (it shuffles) for batches that mix domains")
+    if r.marked:
+        lines.append(f"  marked up         {r.marked} transcripts: {counts(r.marks)}")
+        lines += [f"    written  {raw}\n    trained  {text}" for raw, text in r.examples]
     lines += [f"  COUNT MISMATCH    {s}: metadata says {m}, tar holds {c}" for s, m, c in r.count_mismatches]
     return "\n".join(lines)
 
@@ -130,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-domain", help="domain for samples that name none")
     parser.add_argument("--base-model", help="also skip transcripts longer than this model's decoder holds, as "
                         "training does (its tokenizer decides; without it transcript lengths are not checked)")
+    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
+                        help="how the transcripts are written (as train_loop.py's flag)")
+    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation")
+    parser.add_argument("--domains", default=",".join(DOMAINS), help="the run's domains (train_loop.py --domains)")
     parser.add_argument("--json", help="also write the reports here as JSON")
     args = parser.parse_args(argv)
+    try:
+        domains = parse_domains(args.domains)
+    except ValueError as exc:
+        parser.error(f"--domains {args.domains!r}: {exc}")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # skips are in the table
     reports = []
     try:
@@ -139,15 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         if encode_text is None:
             print("transcript lengths: not checked (pass --base-model to count those the decoder cannot hold)")
         for name in args.splits:
-            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard), args.default_domain,
-                                         encode_text))
+            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard, domains),
+                                         args.default_domain, encode_text,
+                                         Convention(args.text_convention, args.dual_transcription), domains))
             print(format_report(reports[-1]), flush=True)
     except (DatasetError, ModelLoadError) as exc:
         print(f"wdx.inspect: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([vars(r) for r in reports], f, indent=1)
+            json.dump([vars(r) for r in reports], f, indent=1, ensure_ascii=False)
     return 0
 
 

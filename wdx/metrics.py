@@ -161,6 +161,27 @@ def misreads(target: str, said: str, hyp: str) -> dict[str, int]:
     return out
 
 
+def fluent_hypothesis(said: str, fluent: str, hyp: str) -> str:
+    """`hyp` without the words it has for the disfluencies of `said` (the words `fluent` lacks:
+    fillers, marked repetitions), found by word alignments said->fluent and said->hyp."""
+    s, f, h = (normalize_for_wer(x).split() for x in (said, fluent, hyp))
+    disfluent = {si for si, fi in _word_pairs(s, f) if si is not None and fi is None}
+    dropped = {hi for si, hi in _word_pairs(s, h) if si in disfluent and hi is not None}
+    return " ".join(w for j, w in enumerate(h) if j not in dropped)
+
+
+def fluent_cer(rows: list[dict]) -> float | None:
+    """CER with fillers and marked repetitions taken out of reference and hypothesis alike, so
+    a recognition error can be told from a disfluency the model left out; None ("n/a") when no
+    row carries a fluent form (data without disfluency markup)."""
+    if not any(r.get("fluent") for r in rows):
+        return None
+    refs = [r.get("fluent") or r["ref"] for r in rows]
+    hyps = [fluent_hypothesis(r["ref"], r["fluent"], r["hyp"]) if r.get("fluent") else r["hyp"] for r in rows]
+    kept = [(a, b) for a, b in zip(refs, hyps) if normalize_for_cer(a)]
+    return cer([a for a, _ in kept], [b for _, b in kept]) if kept else None
+
+
 def fidelity(rows: list[dict]) -> dict[str, float | int | None]:
     """Misread-word fidelity summed over the rows that carry a `target` text: the number of
     utterances and misread words, and the shares faithful / repaired / other. Without any
@@ -172,30 +193,33 @@ def fidelity(rows: list[dict]) -> dict[str, float | int | None]:
     return {"misread_utts": len(counts), "misread_words": total["misread"], **shares}
 
 
-def by_domain(rows: list[dict]) -> dict[str, dict[str, float]]:
+def by_domain(rows: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
     """{"normal": {...}, "dyslexic": {...}, "all": {...}} from rows with ref, hyp, domain.
 
-    A domain with no rows is reported with n = 0 and NaN rates, never dropped silently.
+    Every one of `domains` (the model's) is reported, one with no rows with n = 0 and NaN rates,
+    never dropped silently; a row's domain outside them gets its own entry too.
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["domain"]].append(r)
     def rates(group: list[dict]) -> dict[str, float]:
         return {**error_rates([r["ref"] for r in group], [r["hyp"] for r in group],
-                              [r.get("capped", False) for r in group]), **fidelity(group)}
+                              [r.get("capped", False) for r in group]), "cer_fluent": fluent_cer(group),
+                **fidelity(group)}
 
-    out = {d: rates(groups[d]) for d in DOMAINS}
+    out = {d: rates(groups[d]) for d in (*domains, *(d for d in groups if d not in domains))}
     out["all"] = rates(rows)
     return out
 
 
-def prompt_table(rows: list[dict]) -> dict:
+def prompt_table(rows: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict:
     """CER of each domain's clips under every domain token (rows with `hyp_by_prompt`), and
     how many transcripts the token changed: does the token matter?"""
     out = {}
-    for true in DOMAINS:
+    for true in domains:
         sub = [r for r in rows if r["domain"] == true]
-        out[true] = {f"prompt_{p}": cer([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub]) for p in DOMAINS}
+        out[true] = {f"prompt_{p}": cer([r["ref"] for r in sub], [r["hyp_by_prompt"][p] for r in sub])
+                     for p in domains}
         out[true]["n"] = len(sub)
         out[true]["changed"] = sum(len(set(r["hyp_by_prompt"].values())) > 1 for r in sub)
     return out
@@ -215,6 +239,10 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
             ci = f"{r['cer_lo']:.4f}-{r['cer_hi']:.4f}"
             lines.append(f"{name:<10} {r['n']:>6} {r['cer']:>8.4f} {ci:>15} {r['sub']:>7.4f} {r['del']:>7.4f} "
                          f"{r['ins']:>7.4f} {r['wer']:>8.4f} {r['runaway']:>8}")
+    if any(r.get("cer_fluent") is not None for r in results.values()):
+        lines.append("CER without fillers and marked repetitions (in reference and hypothesis): " + "  ".join(
+            f"{name} {r['cer_fluent']:.4f}" if r.get("cer_fluent") is not None else f"{name} n/a"
+            for name, r in results.items()))
     lines.append("misread words (said unlike the target_text; written as said / repaired to the target / other):")
     for name, r in results.items():
         if not r.get("misread_utts"):
@@ -237,8 +265,9 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict[str, dict[str, float
     overall: both CERs, B - A, and the paired bootstrap interval of B - A."""
     b_by_id = {row_id(r): r for r in rows_b}
     pairs = [(a, b_by_id[row_id(a)]) for a in rows_a if row_id(a) in b_by_id]
+    seen = [d for d in dict.fromkeys(a["domain"] for a, _ in pairs) if d not in DOMAINS]
     out = {}
-    for name in (*DOMAINS, "all"):
+    for name in (*DOMAINS, *seen, "all"):
         group = [(a, b) for a, b in pairs if name == "all" or a["domain"] == name]
         refs = [a["ref"] for a, _ in group]
         edits_a, lengths = utterance_edits(refs, [a["hyp"] for a, _ in group])

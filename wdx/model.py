@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from .domains import DOMAIN_TOKENS
+from .domains import DOMAINS, domain_token, model_domains
 from .lm_head import DomainEmbedding, DomainWhisper, install_domain_rows
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def fill_tokenizer_to_vocab(tokenizer, vocab_size: int) -> int:
     return missing
 
 
-def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer, tokens: tuple[str, ...] = DOMAIN_TOKENS,
+def add_domain_tokens(model: WhisperForConditionalGeneration, tokenizer, tokens: tuple[str, ...],
                       spread: float = 0.0, seed: int = 0) -> tuple[dict[str, int], list[int]]:
     """Give each domain token an id >= the model's vocab size and a trainable row of its own
     (`tokens` empty: none; the model still gets the loss's domain-row machinery, with no rows).
@@ -227,15 +227,18 @@ CONDITIONINGS = ("token", "none")
 
 
 def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers: int, dropout: float = 0.0,
-          conditioning: str = "token", rows_init: float = 0.0, seed: int = 0,
+          conditioning: str = "token", rows_init: float = 0.0, seed: int = 0, domains: tuple[str, ...] = DOMAINS,
           ) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
     """Load, add domain tokens (unless `conditioning` is "none": the same recipe without
     them, the baseline that measures what the token adds), then freeze (in that order: see
-    the module docstring). The choice is stored in the config (config.json of final/)."""
+    the module docstring). The choice and the domains are stored in the config (config.json
+    of final/). A base model that has domains of its own (a previous run's final/) keeps them,
+    trained rows and all; `domains` it lacks are added after them."""
     model, tokenizer, feature_extractor = load_base(base_model, dropout)
-    ids, new_rows = add_domain_tokens(model, tokenizer, DOMAIN_TOKENS if conditioning == "token" else (),
-                                      rows_init, seed)
-    model.config.domain_conditioning = conditioning
+    kept = model_domains(model.config, tokenizer.get_vocab())
+    names = (*kept, *(d for d in domains if d not in kept)) if conditioning == "token" else ()
+    ids, new_rows = add_domain_tokens(model, tokenizer, tuple(domain_token(d) for d in names), rows_init, seed)
+    model.config.domain_conditioning, model.config.domains = conditioning, list(names)
     set_generation_config(model, tokenizer, language)
     groups = freeze_except(model, encoder_layers, decoder_layers)
     return Whisper(model, tokenizer, feature_extractor, ids, new_rows), groups

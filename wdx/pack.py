@@ -9,6 +9,13 @@ taken relative to the manifest's directory. Rows are shuffled within each split 
 they are cut into shards: a manifest sorted by domain or speaker would otherwise give shards of
 one domain, and a batch mixes only the few shards a loader worker has open (--keep-order keeps
 the manifest's order).
+
+Corpus conventions (wdx/conventions.py): `--text-convention kspon` converts KsponSpeech / AI
+Hub markup at packing time; the sample's json keeps the transcript as written (`raw_text`),
+its fluent form (`fluent_text`) and `text_convention`. `--text-encoding cp949` reads CP949 /
+EUC-KR transcripts (a manifest's `text` is already text; this is for `text_path` rows, a
+transcript file next to each clip, as KsponSpeech ships them). Headerless `.pcm` audio
+(16-bit little-endian mono) needs `--pcm-rate` and is stored as wav (the same samples).
 """
 
 from __future__ import annotations
@@ -23,17 +30,18 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import webdataset as wds
 from tqdm import tqdm
 
-from .audio import AUDIO_EXTENSIONS
-from .domains import DOMAINS
+from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, pcm_to_wav
+from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention, convert
+from .domains import DOMAINS, parse_domains
 from .shards import METADATA
-from .text import normalize_text
 
 log = logging.getLogger(__name__)
-REQUIRED = ("audio_path", "text", "domain", "split")
+REQUIRED = ("audio_path", "domain", "split")  # and `text`, or `text_path`
 
 
 class ManifestError(ValueError):
@@ -87,36 +95,85 @@ def read_manifest(path: Path) -> Iterator[tuple[int, dict]]:
                 yield n, row
 
 
-def to_sample(row: dict, where: str, base: Path, index: int) -> tuple[str, dict]:
+class Reading(NamedTuple):
+    """How the rows' transcripts and audio are read."""
+
+    convention: Convention = PLAIN
+    text_encoding: str = "utf-8"
+    pcm_rate: int | None = None
+    domains: tuple[str, ...] = DOMAINS
+
+
+AS_WRITTEN = Reading()
+
+
+def transcript(row: dict, where: str, base: Path, encoding: str) -> str:
+    """The row's `text`, or the file `text_path` names, decoded as `encoding` (never guessed)."""
+    if str(row.get("text") or "").strip():
+        return str(row["text"])
+    if not str(row.get("text_path") or "").strip():
+        raise ManifestError(f"{where}: missing text (or text_path)")
+    path = base / row["text_path"]
+    try:
+        return path.read_bytes().decode(encoding)
+    except OSError as exc:
+        raise ManifestError(f"{where}: {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        hint = " (Korean corpora are often CP949: --text-encoding cp949)" if encoding.replace("-", "") == "utf8" else ""
+        raise ManifestError(f"{where}: {path}: not {encoding}{hint}") from None
+
+
+def to_sample(row: dict, where: str, base: Path, index: int, reading: Reading = AS_WRITTEN) -> tuple[str, dict]:
     """One manifest row -> (split, tar members)."""
     missing = [k for k in REQUIRED if not str(row.get(k) or "").strip()]
     if missing:
         raise ManifestError(f"{where}: missing {', '.join(missing)}")
     audio = base / row["audio_path"]
     ext = audio.suffix.lower().lstrip(".")
-    if ext not in AUDIO_EXTENSIONS:
+    if ext not in (*AUDIO_EXTENSIONS, PCM):
         raise ManifestError(f"{where}: {audio.name}: unsupported format .{ext} "
-                            f"(expected {', '.join(AUDIO_EXTENSIONS)})")
-    if row["domain"] not in DOMAINS:
-        raise ManifestError(f"{where}: unknown domain {row['domain']!r} (expected {', '.join(DOMAINS)})")
+                            f"(expected {', '.join(AUDIO_EXTENSIONS)}, or pcm with --pcm-rate)")
+    if ext == PCM and not reading.pcm_rate:
+        raise ManifestError(f"{where}: {audio.name}: headerless .pcm: state its sample rate with --pcm-rate "
+                            "(KsponSpeech: 16000)")
+    if row["domain"] not in reading.domains:
+        raise ManifestError(f"{where}: unknown domain {row['domain']!r} (expected {', '.join(reading.domains)}; "
+                            "--domains names others)")
+    written = transcript(row, where, base, reading.text_encoding)
+    converted = convert(written, reading.convention)
+    if converted.problem or not converted.text:
+        state = "empty" if not converted.text else f"still marked up ({converted.problem})"
+        raise ManifestError(f"{where}: transcript {written.strip()[:80]!r} is {state} under --text-convention "
+                            f"{reading.convention.name}; fix the row or the convention")
     try:
         data = audio.read_bytes()
+        if ext == PCM:
+            data, ext = pcm_to_wav(data, reading.pcm_rate), "wav"
     except OSError as exc:
         raise ManifestError(f"{where}: {audio}: {exc.strerror}") from None
-    extra = {k: v for k, v in row.items() if k not in ("audio_path", "text", "split") and v not in (None, "")}
+    except AudioDecodeError as exc:
+        raise ManifestError(f"{where}: {audio}: {exc}") from None
+    extra = {k: v for k, v in row.items()
+             if k not in ("audio_path", "text", "text_path", "split") and v not in (None, "")}
+    if reading.convention != PLAIN:
+        extra.update(raw_text=written.strip(), text_convention=reading.convention.name,
+                     dual_transcription=reading.convention.dual, marks=dict(converted.marks))
+        if converted.fluent != converted.text:
+            extra["fluent_text"] = converted.fluent
     key = f"{index:08d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", audio.stem)[:80]  # no dots: wds splits on them
-    members = {"__key__": key, ext: data, "txt": normalize_text(str(row["text"])).encode("utf-8"),
+    members = {"__key__": key, ext: data, "txt": converted.text.encode("utf-8"),
                "json": json.dumps(extra, ensure_ascii=False).encode("utf-8")}
     return row["split"], members
 
 
-def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | None = 0) -> dict[str, list[dict]]:
+def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | None = 0,
+         reading: Reading = AS_WRITTEN) -> dict[str, list[dict]]:
     """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order);
     validates the whole manifest before writing."""
     by_split: dict[str, list[tuple[str, dict]]] = {}
     base = manifest.parent
     for i, (n, row) in enumerate(tqdm(list(read_manifest(manifest)), desc="reading manifest", unit="row")):
-        split, _ = to_sample(row, f"{manifest}:{n}", base, i)  # validate everything first: fail before writing
+        split, _ = to_sample(row, f"{manifest}:{n}", base, i, reading)  # validate all first: fail before writing
         by_split.setdefault(split, []).append((f"{manifest}:{n}", row))
     written = {}
     for split, rows in by_split.items():
@@ -124,7 +181,7 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
         if seed is not None:
             random.Random(f"{seed}-{split}").shuffle(rows)
-        samples = (to_sample(row, where, base, i)[1] for i, (where, row) in enumerate(rows))
+        samples = (to_sample(row, where, base, i, reading)[1] for i, (where, row) in enumerate(rows))
         written[split] = write_split(out / split, tqdm(samples, total=len(rows), desc=f"packing {split}",
                                                        unit="sample"), max_count=max_count, max_bytes=max_bytes)
     return written
@@ -132,18 +189,37 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("manifest", type=Path, help="CSV or JSONL: audio_path, text, domain, split")
+    parser.add_argument("manifest", type=Path, help="CSV or JSONL: audio_path, text (or text_path), domain, split")
     parser.add_argument("out", type=Path, help="dataset root to create (ROOT/<split>/shard_*.tar)")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
     parser.add_argument("--max-shard-mb", type=float, default=1024, help="close a shard at this much audio+text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle of each split's rows")
     parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
                         "only for manifests already shuffled, or evaluation sets read in order")
+    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
+                        help="kspon: convert KsponSpeech / AI Hub markup (see wdx/conventions.py)")
+    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation",
+                        help="kspon's (spelling)/(pronunciation) pairs: the side to keep")
+    parser.add_argument("--text-encoding", default="utf-8", help="encoding of text_path files (cp949 / euc-kr for "
+                        "KsponSpeech); never guessed")
+    parser.add_argument("--domains", default=",".join(DOMAINS), help="the domains rows may name, comma-separated "
+                        "(as train_loop.py --domains)")
+    parser.add_argument("--pcm-rate", type=int, help="sample rate of headerless 16-bit .pcm audio (KsponSpeech: 16000)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        "".encode(args.text_encoding)
+    except LookupError:
+        parser.error(f"--text-encoding {args.text_encoding}: unknown encoding")
+    try:
+        domains = parse_domains(args.domains)
+    except ValueError as exc:
+        parser.error(f"--domains {args.domains!r}: {exc}")
+    reading = Reading(Convention(args.text_convention, args.dual_transcription), args.text_encoding, args.pcm_rate,
+                      domains)
+    try:
         written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
-                       None if args.keep_order else args.seed)
+                       None if args.keep_order else args.seed, reading)
     except (ManifestError, OSError) as exc:
         print(f"wdx.pack: error: {exc}", file=sys.stderr)
         return 1

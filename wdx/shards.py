@@ -127,16 +127,19 @@ def _shard_url(root: str, split: str, name: str) -> str:
     return join(root, split, name)
 
 
-def load_split(root: str, split: str, samples_per_shard: int | None = None) -> Split:
-    """Read `ROOT/split/metadata.json`; without one, count `samples_per_shard` per listed shard."""
+def load_split(root: str, split: str, samples_per_shard: int | None = None,
+               domains: tuple[str, ...] | None = DOMAINS) -> Split:
+    """Read `ROOT/split/metadata.json`; without one, count `samples_per_shard` per listed shard.
+    A split-wide `domain` must be one of `domains` (the run's)."""
     meta_url = _shard_url(root, split, METADATA)
     meta = _read_metadata(meta_url)
     domain = None
     if meta is not None:
         names, counts = _parse_shards(meta, meta_url)
         domain = meta.get("domain")
-        if domain is not None and domain not in DOMAINS:
-            raise DatasetError(f"{meta_url}: unknown domain {domain!r} (expected one of {', '.join(DOMAINS)})")
+        if domain is not None and domains is not None and domain not in domains:
+            raise DatasetError(f"{meta_url}: unknown domain {domain!r} (expected one of {', '.join(domains)}; "
+                               "train_loop.py --domains names a run's)")
     else:
         if is_url(root):
             raise DatasetError(f"{meta_url}: not found (a URL root needs metadata.json to list its shards)")

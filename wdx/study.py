@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from . import evaluate
-from .domains import DOMAINS
 from .metrics import compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,8 +67,8 @@ def table(evals: dict[str, dict[str, dict]]) -> tuple[list[str], dict]:
     for split, by in evals.items():
         versus = compare(by["none"]["samples"], by["token"]["samples"])
         comparisons[split] = versus
-        for d in (*DOMAINS, "all"):
-            v, base = versus[d], by["base"]["results"][d]
+        for d in versus:  # every domain the data has, then "all"
+            v, base = versus[d], by["base"]["results"].get(d, {}).get("cer", float("nan"))
             if not v.get("n"):
                 rows.append(f"| {split} | {d} | 0 | - | - | - | - | - | - | - |")
                 continue
@@ -79,7 +78,7 @@ def table(evals: dict[str, dict[str, dict]]) -> tuple[list[str], dict]:
             else:
                 faithful = (f"{v['faithful_a']:.3f} | {v['faithful_b']:.3f} | {v['faithful_diff']:+.3f} "
                             f"({v['faithful_lo']:+.3f}..{v['faithful_hi']:+.3f}){' *' if v['faithful_real'] else ''}")
-            rows.append(f"| {split} | {d} | {v['n']} | {base['cer']:.3f} | {v['cer_a']:.3f} | {v['cer_b']:.3f} | "
+            rows.append(f"| {split} | {d} | {v['n']} | {base:.3f} | {v['cer_a']:.3f} | {v['cer_b']:.3f} | "
                         f"{cer_ci} | {faithful} |")
     return rows, comparisons
 

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("audio", nargs="+", type=Path,
                         help="wav/flac/mp3/ogg/m4a/opus/webm/aac files, any rate, any length "
                         "(longer than 30 s: cut at pauses, see wdx/longform.py)")
-    parser.add_argument("--domain", choices=DOMAINS, help="domain token of the prompt (default: normal; not for a "
-                        "model without domain tokens)")
+    parser.add_argument("--domain", help="domain token of the prompt: one the model was trained with (default: its "
+                        "first, normal for the default domains; not for a model without domain tokens)")
     parser.add_argument("--compare-domains", action="store_true", help="decode with every domain token")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=225)
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.json)
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
         check_domain_flags(transcriber, args.model, ["--domain"] * bool(args.domain)
-                           + ["--compare-domains"] * args.compare_domains)
-        domains = DOMAINS if args.compare_domains else (args.domain or "normal",)
+                           + ["--compare-domains"] * args.compare_domains, args.domain)
+        first = (transcriber.domains or DOMAINS)[0]
+        domains = transcriber.domains if args.compare_domains else (args.domain or first,)
         results = []
         for i in range(0, len(args.audio), args.batch_size):
             paths, clips = [], []

@@ -41,7 +41,7 @@ def render(figures: dict) -> dict[str, str]:
 
 
 def pattern(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- demo:{name} -->\n)(.*?)(\n<!-- /demo:{name} -->)", re.S)
+    return re.compile(rf"<!-- demo:{name} -->\n(.*?)<!-- /demo:{name} -->", re.S)
 
 
 def blocks(readme: str) -> dict[str, str]:
@@ -51,14 +51,15 @@ def blocks(readme: str) -> dict[str, str]:
         match = pattern(name).search(readme)
         if not match:
             raise ValueError(f"README has no <!-- demo:{name} --> ... <!-- /demo:{name} --> block")
-        found[name] = match.group(2)
+        found[name] = match.group(1).removesuffix("\n")
     return found
 
 
 def update(readme: str, figures: dict) -> str:
     blocks(readme)
     for name, text in render(figures).items():
-        readme = pattern(name).sub(lambda m, text=text: m.group(1) + text + m.group(3), readme)
+        block = f"<!-- demo:{name} -->\n{text}\n<!-- /demo:{name} -->"
+        readme = pattern(name).sub(lambda _, block=block: block, readme)
     return readme
 
 

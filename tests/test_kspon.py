@@ -1,0 +1,134 @@
+"""A corpus in the AI Hub / KsponSpeech style (CP949 transcripts with markup, headerless .pcm
+audio): packed, inspected, trained a step and evaluated, with the expected transcripts exactly."""
+
+import csv
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+import train_loop
+from tests.conftest import speechlike
+from tests.test_train_loop import args
+from wdx import evaluate, inspect, pack
+from wdx.audio import encode_audio
+
+# (as the corpus writes it, as training reads it, its fluent form, domain, split, audio)
+CORPUS = [
+    ("b/ 아/ 모+ 몬 소리야 (70%)/(칠 십 퍼센트) 확률이라니 n/", "아 모 몬 소리야 칠 십 퍼센트 확률이라니",
+     "몬 소리야 칠 십 퍼센트 확률이라니", "dyslexic", "train", "pcm"),
+    ("l/ 그 (3kg)/(삼 킬로그램)짜리 o/ 수박을 샀어요", "그 삼 킬로그램짜리 수박을 샀어요", None,
+     "normal", "train", "pcm"),
+    ("어/ 오늘은 b/ 날씨가 좋네요", "어 오늘은 날씨가 좋네요", "오늘은 날씨가 좋네요", "dyslexic", "train", "wav"),
+    ("（２０２４년）/（이천 이십 사 년）에 왔어요", "이천 이십 사 년에 왔어요", None, "normal", "train", "wav"),
+    ("음/ *저기 학+ 학교에 u/ 가요", "음 저기 학 학교에 가요", "저기 학교에 가요", "dyslexic", "val_small", "pcm"),
+    ("(1시)/(한 시)에 만나요", "한 시에 만나요", None, "normal", "val_small", "wav"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """KsponSpeech's layout: one audio file and one CP949 transcript file per utterance."""
+    root = tmp_path_factory.mktemp("kspon")
+    rows = []
+    for i, (written, _, _, domain, split, ext) in enumerate(CORPUS):
+        wave = speechlike(2.5, 16000, seed=i)
+        audio = root / f"KsponSpeech_{i:06d}.{ext}"
+        audio.write_bytes((wave * 32767).astype("<i2").tobytes() if ext == "pcm" else encode_audio(wave, 16000, ext))
+        (root / f"KsponSpeech_{i:06d}.txt").write_bytes(written.encode("cp949"))
+        rows.append({"audio_path": audio.name, "text_path": f"KsponSpeech_{i:06d}.txt", "domain": domain,
+                     "split": split})
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def packed(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "data"
+    assert pack.main([str(corpus / "manifest.csv"), str(out), "--text-convention", "kspon", "--text-encoding",
+                      "cp949", "--pcm-rate", "16000", "--max-samples-per-shard", "2"]) == 0
+    return out
+
+
+def members(split_dir):
+    samples = {}
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def test_packing_converts_the_markup_keeps_what_was_written_and_stores_pcm_as_wav(packed):
+    expected = {written: (text, fluent) for written, text, fluent, *_ in CORPUS}
+    seen = {}
+    for split in ("train", "val_small"):
+        for sample in members(packed / split).values():
+            meta = json.loads(sample["json"])
+            assert set(sample) == {"wav", "txt", "json"}  # .pcm became wav: the same 16-bit samples, a header
+            assert meta["text_convention"] == "kspon" and meta["dual_transcription"] == "pronunciation"
+            seen[meta["raw_text"]] = (sample["txt"].decode("utf-8"), meta.get("fluent_text"))
+    assert seen == {written.strip(): v for written, v in expected.items()}
+
+
+def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(corpus, tmp_path, capsys):
+    manifest = str(corpus / "manifest.csv")
+    assert pack.main([manifest, str(tmp_path / "a"), "--text-convention", "kspon", "--pcm-rate", "16000"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after tqdm's progress lines
+        f"wdx.pack: error: {manifest}:2: {corpus / 'KsponSpeech_000000.txt'}: not utf-8 (Korean corpora are often "
+        "CP949: --text-encoding cp949)")
+    assert pack.main([manifest, str(tmp_path / "b"), "--text-convention", "kspon", "--text-encoding", "cp949"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"wdx.pack: error: {manifest}:2: KsponSpeech_000000.pcm: headerless .pcm: state its sample rate with "
+        "--pcm-rate (KsponSpeech: 16000)")
+    assert pack.main([manifest, str(tmp_path / "c"), "--text-encoding", "cp949", "--pcm-rate", "16000"]) == 0  # plain
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written before the refusal
+
+
+def test_inspect_counts_each_mark_and_shows_written_against_trained(packed, capsys):
+    assert inspect.main([str(packed)]) == 0
+    out = capsys.readouterr().out
+    assert ("marked up         4 transcripts: breath: 2, dual: 3, filler: 2, laughter: 1, noise: 1, other_voice: 1, "
+            "repetition: 1") in out
+    assert "marked up         2 transcripts: dual: 1, filler: 1, repetition: 1, unclear: 1" in out
+    assert "    written  음/ *저기 학+ 학교에 u/ 가요\n    trained  음 저기 학 학교에 가요" in out
+
+
+def test_the_data_layer_converts_a_split_packed_elsewhere_and_skips_markup_it_cannot_read(packed, tmp_path, capsys):
+    from wdx.pack import write_split
+
+    samples = [{"__key__": f"s{i}", "wav": encode_audio(speechlike(2.5, 16000, seed=i), 16000, "wav"),
+                "txt": written.encode("utf-8"), "json": json.dumps({"domain": domain}).encode()}
+               for i, (written, _, _, domain, *_rest) in enumerate(CORPUS)]
+    samples.append({"__key__": "bad", "wav": samples[0]["wav"], "txt": "(70%)/칠십 퍼센트".encode(),
+                    "json": b'{"domain": "normal"}'})
+    write_split(tmp_path / "raw" / "val_small", samples)
+    skipped = __import__("collections").Counter()
+    from wdx.conventions import Convention
+
+    got = [s for batch in evaluate.dataset_batches(str(tmp_path / "raw"), "val_small", 4, 0, None, skipped,
+                                                   Convention("kspon")) for s in batch]
+    assert [(s["text"], s["fluent"]) for s in got] == [(text, fluent) for _, text, fluent, *_ in CORPUS]
+    assert dict(skipped) == {"markup_left": 1}
+
+
+def test_a_kspon_corpus_trains_a_step_and_evaluates_verbatim_and_fluent(packed, tiny_model, tmp_path, capsys):
+    assert train_loop.main(args(str(packed), tiny_model, tmp_path, "k", "--max-steps", "1", "--num-workers", "0",
+                                "--per-device-train-batch-size", "2", "--text-convention", "kspon")) == 0
+    config = json.loads((tmp_path / "k" / "final" / "train_config.json").read_text())
+    assert (config["text_convention"], config["dual_transcription"]) == ("kspon", "pronunciation")
+    assert "the pronunciation side of dual transcriptions" in (tmp_path / "k" / "final" / "README.md").read_text()
+    out = tmp_path / "eval.json"
+    assert evaluate.main([str(tmp_path / "k" / "final"), "--dataset", str(packed), "--max-new-tokens", "4",
+                          "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted((r["ref"], r["fluent"]) for r in report["samples"]) == sorted(
+        (text, fluent) for _, text, fluent, _, split, _ in CORPUS if split == "val_small")
+    assert report["results"]["dyslexic"]["cer_fluent"] is not None and report["results"]["normal"]["cer_fluent"] is None
+    assert "CER without fillers and marked repetitions" in capsys.readouterr().out
+    np.testing.assert_allclose(report["results"]["all"]["n"], 2)

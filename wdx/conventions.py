@@ -1,0 +1,103 @@
+"""Transcription conventions of Korean speech corpora, turned into the text a model trains on.
+
+`plain`: the transcript as written (NFC, format characters removed, whitespace collapsed).
+
+`kspon`: the KsponSpeech transcription rules, which the AI Hub Korean speech sets share:
+
+| mark | example | meaning | what training gets |
+|---|---|---|---|
+| `(A)/(B)` | `(70%)/(칠 십 퍼센트)` | spelling A, pronunciation B | B (`--dual pronunciation`, default) or A |
+| `b/ l/ o/ n/` | `b/ 그래서 n/` | breath, laughter, other voice, noise | removed |
+| `u/` | `u/` | speech no one could make out | removed; the utterance counted `unclear` |
+| `X/` | `아/ 음/` | filler X | X, kept (dropped from the fluent reference) |
+| `X+` | `모+ 몬` | X repeated or broken off | X, kept (dropped from the fluent reference) |
+| `*` | `*저기` | a word heard unclearly | the word, the mark removed; counted `unclear` |
+
+Fillers, repetitions, fragments and self-corrections are what dyslexic reading is studied
+for: they stay in the training text by default. The fluent form (fillers and marked
+repetitions left out) is what a second CER compares with, so that a recognition error can be
+told from a disfluency the model left out. Full-width ASCII (`７０％`) is folded to ASCII; no
+NFKC (it would turn compatibility jamo into conjoining ones). A transcript that still holds
+markup after conversion is not trained on: the data layer skips it as `markup_left`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .text import normalize_text
+
+CONVENTIONS = ("plain", "kspon")
+DUAL_SIDES = ("pronunciation", "spelling")
+NOISE_TAGS = {"b": "breath", "l": "laughter", "o": "other_voice", "n": "noise", "u": "unclear"}
+
+_FULL_WIDTH = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+_DUAL = re.compile(r"\(([^()]*)\)\s*/\s*\(([^()]*)\)")
+_MARKUP = re.compile(r"[()/+*]")
+
+
+class Convention(NamedTuple):
+    """How a dataset's transcripts are written (--text-convention) and which side of a dual
+    transcription is trained (--dual-transcription)."""
+
+    name: str = "plain"
+    dual: str = "pronunciation"
+
+
+PLAIN = Convention()
+
+
+@dataclass
+class Converted:
+    """A transcript under its convention: the training text, its fluent form, the marks seen."""
+
+    text: str
+    fluent: str
+    marks: Counter = field(default_factory=Counter)
+    problem: str | None = None  # why the text cannot be trained on: markup left after conversion
+
+
+def convert(raw: str, convention: Convention = PLAIN) -> Converted:
+    """`raw` as written by the corpus -> what training and evaluation use."""
+    if convention.name == "plain":
+        text = normalize_text(raw)
+        return Converted(text, text)
+    if convention.name != "kspon":
+        raise ValueError(f"unknown text convention {convention.name!r} (expected {', '.join(CONVENTIONS)})")
+    if convention.dual not in DUAL_SIDES:
+        raise ValueError(f"unknown dual transcription side {convention.dual!r} (expected {', '.join(DUAL_SIDES)})")
+    marks: Counter = Counter()
+    text = raw.translate(_FULL_WIDTH)
+    side = 1 if convention.dual == "spelling" else 2
+
+    def pick(match: re.Match) -> str:
+        marks["dual"] += 1
+        return match.group(side)
+
+    text = _DUAL.sub(pick, text)
+    verbatim, fluent = [], []
+    for word in text.split():
+        tag = word[:-1] if word.endswith("/") and word[:-1] in NOISE_TAGS else None
+        if tag:
+            marks[NOISE_TAGS[tag]] += 1
+            continue
+        if "*" in word:
+            marks["unclear"] += 1
+            word = word.replace("*", "")
+            if not word:
+                continue
+        if len(word) > 1 and word.endswith("/"):
+            marks["filler"] += 1
+            verbatim.append(word[:-1])
+            continue
+        if len(word) > 1 and word.endswith("+"):
+            marks["repetition"] += 1
+            verbatim.append(word[:-1])
+            continue
+        verbatim.append(word)
+        fluent.append(word)
+    text = normalize_text(" ".join(verbatim))
+    return Converted(text, normalize_text(" ".join(fluent)), marks, "markup_left" if _MARKUP.search(text) else None)
