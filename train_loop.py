@@ -32,7 +32,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from wdx import checkpoint, encoder_cache, faults, rundir
+from wdx import augment, checkpoint, encoder_cache, faults, rundir
 from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
@@ -67,7 +67,8 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, spl
                   read_sample=read_sample)
     train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, cfg.domain_names)
                                          for name in (cfg.train_split, cfg.eval_split)]
-    train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size, **common)
+    train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size,
+                           augment=None if read_sample else augment.build(cfg, whisper.model.config), **common)
     val = ShardedSamples(eval_split, train=False, batch_size=cfg.per_device_eval_batch_size, **common)
     pin = accelerator.device.type == "cuda"
     return (train, make_loader(train, cfg.num_workers, cfg.persistent_workers, pin),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .data import pad_audio
@@ -58,7 +59,11 @@ def encoder_input(samples: list[dict]) -> dict[str, torch.Tensor]:
     """The padded audio, or the frozen encoder prefix's cached states (wdx.encoder_cache)."""
     if "states" in samples[0]:
         return {"encoder_states": torch.stack([s["states"] for s in samples])}
-    return {"audio": pad_audio(samples)}
+    out = {"audio": pad_audio(samples)}
+    if "spec_masks" in samples[0]:  # wdx.augment's SpecAugment, drawn per sample
+        for name in ("time", "feature"):
+            out[f"spec_{name}_mask"] = torch.from_numpy(np.stack([s["spec_masks"][name] for s in samples]))
+    return out
 
 
 class Collator:

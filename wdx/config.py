@@ -52,6 +52,21 @@ class TrainConfig:
     dual_transcription: str = opt("pronunciation", "kspon's (spelling)/(pronunciation) pairs: the side trained on",
                                   choices=DUAL_SIDES, group="data")
     train_split: str = opt("train", "training split directory under --dataset-root", group="data")
+    # --- augmentation of training inputs (wdx/augment.py): per sample and epoch, from --seed; never evaluation
+    speed_perturb: str = opt("", "speed factors, comma-separated, one drawn per sample and epoch (e.g. 0.9,1.0,1.1: "
+                             "the usual three-way perturbation); empty: off", group="augmentation")
+    noise_snr_db: str = opt("", "add noise at an SNR drawn from LOW,HIGH dB per sample and epoch (e.g. 10,30); "
+                            "empty: off", group="augmentation")
+    noise_dir: str | None = opt(None, "noise recordings for --noise-snr-db (any audio format, any rate); without "
+                                "it, Gaussian noise", group="augmentation")
+    spec_augment: bool | None = opt(None, "SpecAugment: time and mel-channel masks on the log-mel (transformers' "
+                                    "own sampler); default: as --base-model's config (apply_spec_augment)",
+                                    group="augmentation")
+    mask_time_prob: float = opt(0.05, "--spec-augment: share of frames masked (transformers' Whisper default)",
+                                group="augmentation")
+    mask_time_length: int = opt(10, "--spec-augment: frames per time mask", group="augmentation")
+    mask_feature_prob: float = opt(0.0, "--spec-augment: share of mel channels masked", group="augmentation")
+    mask_feature_length: int = opt(10, "--spec-augment: channels per feature mask", group="augmentation")
     eval_split: str = opt("val_small", "evaluation split directory under --dataset-root", group="data")
     shuffle_block: int = opt(256, "training samples shuffled together (raw bytes held per loader worker)",
                              group="data")
@@ -165,6 +180,17 @@ class TrainConfig:
         return parse_domains(self.domains)
 
     @property
+    def speeds(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.speed_perturb.split(",")) if self.speed_perturb.strip() else ()
+
+    @property
+    def snr_range(self) -> tuple[float, float] | None:
+        if not self.noise_snr_db.strip():
+            return None
+        low, high = (float(x) for x in self.noise_snr_db.split(","))
+        return low, high
+
+    @property
     def convention(self) -> Convention:
         return Convention(self.text_convention, self.dual_transcription)
 
@@ -174,6 +200,31 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
+
+
+def check_augmentation(cfg: TrainConfig) -> None:
+    """Augmentation flags that parse and can work together; the encoder cache serves none of them."""
+    try:
+        speeds, snr = cfg.speeds, cfg.snr_range
+    except ValueError:
+        raise ConfigError(f"--speed-perturb {cfg.speed_perturb!r} / --noise-snr-db {cfg.noise_snr_db!r}: comma-"
+                          "separated numbers (e.g. 0.9,1.0,1.1 and 10,30)") from None
+    if any(not 0.5 <= s <= 2.0 for s in speeds):
+        raise ConfigError(f"--speed-perturb {cfg.speed_perturb}: factors between 0.5 and 2.0")
+    if snr is not None and snr[0] > snr[1]:
+        raise ConfigError(f"--noise-snr-db {cfg.noise_snr_db}: LOW,HIGH with LOW <= HIGH")
+    if cfg.noise_dir and snr is None:
+        raise ConfigError("--noise-dir: give the SNR range too (--noise-snr-db LOW,HIGH)")
+    if not (0 <= cfg.mask_time_prob < 1 and 0 <= cfg.mask_feature_prob < 1):
+        raise ConfigError("--mask-time-prob / --mask-feature-prob: between 0 and 1")
+    if cfg.mask_time_length < 1 or cfg.mask_feature_length < 1:
+        raise ConfigError("--mask-time-length / --mask-feature-length: at least 1")
+    used = [flag for flag, on in (("--speed-perturb", speeds), ("--noise-snr-db", snr), ("--spec-augment",
+                                                                                         cfg.spec_augment)) if on]
+    if cfg.encoder_cache and used:
+        raise ConfigError(f"--encoder-cache with {' and '.join(used)}: the cache holds the frozen blocks' output of "
+                          "the clean audio, which augmentation changes every epoch; train from audio, or drop "
+                          f"{' and '.join(used)}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -188,6 +239,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         names = cfg.domain_names
     except ValueError as exc:
         raise ConfigError(f"--domains {cfg.domains!r}: {exc}") from None
+    check_augmentation(cfg)
     if cfg.default_domain is not None and cfg.default_domain not in names:
         raise ConfigError(f"--default-domain {cfg.default_domain!r}: not one of --domains ({', '.join(names)})")
     for f in dataclasses.fields(cfg):  # argparse's float() takes "nan" and "inf"

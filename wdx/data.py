@@ -484,7 +484,7 @@ class ShardedSamples(torch.utils.data.IterableDataset):
                  train: bool, seed: int, target_sr: int, default_domain: str | None,
                  shuffle_block: int, convention: Convention = PLAIN, domains: tuple[str, ...] | None = DOMAINS,
                  open_shards: int = 1,
-                 collate: Callable = default_collate,
+                 collate: Callable = default_collate, augment: Callable[[dict, int], dict] | None = None,
                  encode_text: Callable[[str], list[int] | str] | None = None,
                  read_sample: Callable[[dict], dict | str] | None = None) -> None:
         self.split, self.rank, self.world_size = split, rank, world_size
@@ -493,6 +493,7 @@ class ShardedSamples(torch.utils.data.IterableDataset):
         self.shuffle_block = shuffle_block if train else 1
         self.lanes = open_shards if train else 1  # evaluation order does not matter
         self.collate, self.encode_text = collate, encode_text
+        self.augment = augment if train else None  # evaluation is never augmented
         # raw tar sample -> decoded sample or skip verdict: the audio decoder, or the encoder cache's reader
         self.read_sample = read_sample or functools.partial(decode_sample, target_sr=target_sr,
                                                             split_domain=split.domain, default_domain=default_domain,
@@ -551,6 +552,7 @@ class ShardedSamples(torch.utils.data.IterableDataset):
             lambda: read_slot(self.split, segments, max(length, 1), first, skips, repeat=self.train, lanes=self.lanes),
             lambda src: block_shuffle(src, period, self.shuffle_block, f"{self.seed}-{epoch}-{slot}", start),
             lambda src: decode(src, self.read_sample, skips),
+            lambda src: (self.augment(s, epoch) for s in src) if self.augment else src,
             lambda src: tokenize(src, self.encode_text, skips),
             lambda src: batched(src, sizes, self.batch_size, self.collate, skips, done=start.batches),
         )

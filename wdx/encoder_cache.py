@@ -45,6 +45,7 @@ import webdataset as wds
 
 from . import audio, conventions, data, features, text
 from .accel import agree, gather_list, sum_counts, zero_stage
+from .augment import SpecAugment
 from .config import ConfigError, TrainConfig
 from .conventions import Convention
 from .data import Skips, decode_sample, pad_audio, read_segments
@@ -355,11 +356,11 @@ def _write(writers: dict, path: Path, batch: dict, states: torch.Tensor | None) 
 def check_fixed(cfg: TrainConfig, config) -> None:
     """Refuse a base model whose config makes the prefix's output random in training: SpecAugment
     masks the log-mel, dropout in the frozen blocks; the cache would silently train without them."""
-    if getattr(config, "apply_spec_augment", False) and (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
+    if cfg.spec_augment is None and SpecAugment.from_config(config):
         raise CacheError(f"--encoder-cache: --base-model {cfg.base_model} enables SpecAugment (apply_spec_augment, "
-                         f"mask_time_prob {config.mask_time_prob}, mask_feature_prob {config.mask_feature_prob}): its "
-                         "masks change the encoder input every step, which a cache of fixed states cannot serve; set "
-                         "apply_spec_augment false in its config.json or train without --encoder-cache")
+                         f"mask_time_prob {config.mask_time_prob}, mask_feature_prob {config.mask_feature_prob}), "
+                         "which training honours: its masks change the encoder input every epoch, which a cache of "
+                         "fixed states cannot serve; pass --no-spec-augment or train without --encoder-cache")
     for name in ("attention_dropout", "activation_dropout"):
         if getattr(config, name, 0.0) > 0:
             raise CacheError(f"--encoder-cache: --base-model {cfg.base_model} has {name} {getattr(config, name)}: "

@@ -59,7 +59,11 @@ def model_input(batch: dict, n_mels: int, dtype: torch.dtype) -> dict[str, torch
     """
     if "encoder_states" in batch:
         return {"prefix_states": batch["encoder_states"]}
-    return {"input_features": log_mel(batch["audio"], n_mels, dtype)}
+    features = log_mel(batch["audio"], n_mels, dtype)
+    if "spec_time_mask" in batch:  # SpecAugment, as Whisper's _mask_input_features applies it (training only)
+        features = features.masked_fill(batch["spec_time_mask"][:, None, :], 0)
+        features = features.masked_fill(batch["spec_feature_mask"][:, :, None], 0)
+    return {"input_features": features}
 
 
 def token_loss_sum(model, inputs: dict[str, torch.Tensor], batch: dict, encoder_outputs=None) -> torch.Tensor:
