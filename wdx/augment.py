@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS, decode_audio, resample, to_mono
-from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,8 @@ def build(cfg, model_config) -> Augmenter | None:
     when everything is off. A base config that switches SpecAugment on is honoured, and said."""
     spec = None
     if cfg.spec_augment:
-        spec = SpecAugment(cfg.mask_time_prob, cfg.mask_time_length, 2, cfg.mask_feature_prob, cfg.mask_feature_length)
+        spec = SpecAugment(mask_time_prob=cfg.mask_time_prob, mask_time_length=cfg.mask_time_length,
+                           mask_feature_prob=cfg.mask_feature_prob, mask_feature_length=cfg.mask_feature_length)
     elif cfg.spec_augment is None:
         spec = SpecAugment.from_config(model_config)
         if spec:
@@ -152,6 +152,8 @@ def build(cfg, model_config) -> Augmenter | None:
                      spec)
     if not (cfg.speeds or cfg.snr_range or spec):
         return None
+    from .config import ConfigError  # (config takes SpecAugment's defaults from this module)
+
     try:
         noise = load_noise(cfg.noise_dir) if cfg.noise_dir else ()
     except (OSError, ValueError) as exc:

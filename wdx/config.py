@@ -16,6 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .augment import SpecAugment
 from .conventions import CONVENTIONS, DUAL_SIDES, Convention
 from .domains import DOMAINS, parse_domains
 
@@ -62,11 +63,14 @@ class TrainConfig:
     spec_augment: bool | None = opt(None, "SpecAugment: time and mel-channel masks on the log-mel (transformers' "
                                     "own sampler); default: as --base-model's config (apply_spec_augment)",
                                     group="augmentation")
-    mask_time_prob: float = opt(0.05, "--spec-augment: share of frames masked (transformers' Whisper default)",
+    mask_time_prob: float = opt(SpecAugment.mask_time_prob, "--spec-augment: share of frames masked "
+                                "(transformers' Whisper default)", group="augmentation")
+    mask_time_length: int = opt(SpecAugment.mask_time_length, "--spec-augment: frames per time mask",
                                 group="augmentation")
-    mask_time_length: int = opt(10, "--spec-augment: frames per time mask", group="augmentation")
-    mask_feature_prob: float = opt(0.0, "--spec-augment: share of mel channels masked", group="augmentation")
-    mask_feature_length: int = opt(10, "--spec-augment: channels per feature mask", group="augmentation")
+    mask_feature_prob: float = opt(SpecAugment.mask_feature_prob, "--spec-augment: share of mel channels masked",
+                                   group="augmentation")
+    mask_feature_length: int = opt(SpecAugment.mask_feature_length, "--spec-augment: channels per feature mask",
+                                   group="augmentation")
     eval_split: str = opt("val_small", "evaluation split directory under --dataset-root", group="data")
     shuffle_block: int = opt(256, "training samples shuffled together (raw bytes held per loader worker)",
                              group="data")

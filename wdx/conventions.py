@@ -23,6 +23,7 @@ markup after conversion is not trained on: the data layer skips it as `markup_le
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,19 @@ class Convention(NamedTuple):
 PLAIN = Convention()
 
 
+def add_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--text-convention and --dual-transcription, as train_loop.py has them, for a tool; read
+    them back with `from_args`."""
+    parser.add_argument("--text-convention", choices=CONVENTIONS, default=PLAIN.name,
+                        help=f"how the transcripts are written; kspon: KsponSpeech / AI Hub markup, {what}")
+    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default=PLAIN.dual,
+                        help="kspon's (spelling)/(pronunciation) pairs: the side to keep")
+
+
+def from_args(args: argparse.Namespace) -> Convention:
+    return Convention(args.text_convention, args.dual_transcription)
+
+
 @dataclass
 class Converted:
     """A transcript under its convention: the training text, its fluent form, the marks seen."""
@@ -58,6 +72,12 @@ class Converted:
     fluent: str
     marks: Counter = field(default_factory=Counter)
     problem: str | None = None  # why the text cannot be trained on: markup left after conversion
+
+    def fluent_form(self, recorded: str | None = None) -> str | None:
+        """The fluent reference: `recorded` (a `fluent_text` written at packing time, when the
+        text was converted then) or this conversion's; None when it equals the text."""
+        fluent = recorded or self.fluent
+        return fluent if fluent != self.text else None
 
 
 def convert(raw: str, convention: Convention = PLAIN) -> Converted:

@@ -381,11 +381,10 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if problem:
         return problem
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
-    fluent = clean_target(meta.get(FLUENT_FIELD)) or converted.fluent
     marks = dict(converted.marks) or meta.get("marks") or {}  # converted here, or by wdx.pack
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
                 channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD)),
-                fluent=fluent if fluent != text else None, marks=marks,
+                fluent=converted.fluent_form(clean_target(meta.get(FLUENT_FIELD))), marks=marks,
                 raw_text=(meta.get("raw_text") or written.strip()) if marks else None)
 
 

@@ -7,6 +7,7 @@ domains in its config (`domains`), and every tool reads them from there.
 
 from __future__ import annotations
 
+import argparse
 import re
 
 DOMAINS: tuple[str, ...] = ("normal", "dyslexic")  # --domains' default
@@ -31,6 +32,14 @@ def parse_domains(value: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"a domain is named twice: {value}")
     return names
+
+
+def domains_flag(value: str) -> tuple[str, ...]:
+    """argparse type of a tool's --domains (train_loop.py's is checked in config.validate)."""
+    try:
+        return parse_domains(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def vocab_domains(vocab) -> tuple[str, ...]:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import conventions
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
-from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention, convert
+from .conventions import PLAIN, Convention, convert
 from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader
 from .domains import DOMAINS
 from .inference import BACKENDS, Transcriber
@@ -107,10 +108,9 @@ def list_items(path: Path, convention: Convention = PLAIN) -> list[dict]:
             raise InputError(f"{path}: entry {n}: text {row['text'][:80]!r} is "
                              f"{'empty' if not converted.text else 'still marked up'} under --text-convention "
                              f"{convention.name}")
-        fluent = clean_target(row.get(FLUENT_FIELD)) or converted.fluent
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
                           text=converted.text, domain=row["domain"], target=clean_target(row.get(TARGET_FIELD)),
-                          fluent=fluent if fluent != converted.text else None))
+                          fluent=converted.fluent_form(clean_target(row.get(FLUENT_FIELD)))))
     return items
 
 
@@ -253,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=1, help="loader workers for --dataset")
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
-    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
-                        help="how the references are written, as train_loop.py's flag (kspon: converted, and a "
-                        "second CER without fillers and marked repetitions)")
-    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation")
+    conventions.add_flags(parser, "converted, and a second CER without fillers and marked repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
@@ -265,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="two --json outputs on the same samples: CER of each, B - A and its paired bootstrap 95 %% "
                           "interval per domain (no model needed)")
     args = parser.parse_args(argv)
-    convention = Convention(args.text_convention, args.dual_transcription)
+    convention = conventions.from_args(args)
     if args.compare:
         return compare_main(args.compare, args.json)
     if not args.model or not (args.dataset or args.list or args.dir):

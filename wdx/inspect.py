@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention
+from . import conventions
+from .conventions import PLAIN, Convention
 from .data import Skips, _first_arg, decode_sample, iter_shard, shard_name
-from .domains import DOMAINS, parse_domains
+from .domains import DOMAINS, domains_flag
 from .model import ModelLoadError
 from .shards import DatasetError, Split, load_split
 
@@ -148,16 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-domain", help="domain for samples that name none")
     parser.add_argument("--base-model", help="also skip transcripts longer than this model's decoder holds, as "
                         "training does (its tokenizer decides; without it transcript lengths are not checked)")
-    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
-                        help="how the transcripts are written (as train_loop.py's flag)")
-    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation")
-    parser.add_argument("--domains", default=",".join(DOMAINS), help="the run's domains (train_loop.py --domains)")
+    conventions.add_flags(parser, "converted as training converts it")
+    parser.add_argument("--domains", type=domains_flag, default=DOMAINS,
+                        help="the run's domains, comma-separated (train_loop.py --domains)")
     parser.add_argument("--json", help="also write the reports here as JSON")
     args = parser.parse_args(argv)
-    try:
-        domains = parse_domains(args.domains)
-    except ValueError as exc:
-        parser.error(f"--domains {args.domains!r}: {exc}")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")  # skips are in the table
     reports = []
     try:
@@ -165,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if encode_text is None:
             print("transcript lengths: not checked (pass --base-model to count those the decoder cannot hold)")
         for name in args.splits:
-            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard, domains),
-                                         args.default_domain, encode_text,
-                                         Convention(args.text_convention, args.dual_transcription), domains))
+            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard, args.domains),
+                                         args.default_domain, encode_text, conventions.from_args(args), args.domains))
             print(format_report(reports[-1]), flush=True)
     except (DatasetError, ModelLoadError) as exc:
         print(f"wdx.inspect: error: {exc}", file=sys.stderr)

@@ -35,9 +35,10 @@ from typing import NamedTuple
 import webdataset as wds
 from tqdm import tqdm
 
+from . import conventions
 from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, pcm_to_wav
-from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention, convert
-from .domains import DOMAINS, parse_domains
+from .conventions import PLAIN, Convention, convert
+from .domains import DOMAINS, domains_flag
 from .shards import METADATA
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ def to_sample(row: dict, where: str, base: Path, index: int, reading: Reading = 
     if reading.convention != PLAIN:
         extra.update(raw_text=written.strip(), text_convention=reading.convention.name,
                      dual_transcription=reading.convention.dual, marks=dict(converted.marks))
-        if converted.fluent != converted.text:
-            extra["fluent_text"] = converted.fluent
+        if converted.fluent_form():
+            extra["fluent_text"] = converted.fluent_form()
     key = f"{index:08d}_" + re.sub(r"[^0-9A-Za-z_-]", "_", audio.stem)[:80]  # no dots: wds splits on them
     members = {"__key__": key, ext: data, "txt": converted.text.encode("utf-8"),
                "json": json.dumps(extra, ensure_ascii=False).encode("utf-8")}
@@ -196,14 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle of each split's rows")
     parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
                         "only for manifests already shuffled, or evaluation sets read in order")
-    parser.add_argument("--text-convention", choices=CONVENTIONS, default="plain",
-                        help="kspon: convert KsponSpeech / AI Hub markup (see wdx/conventions.py)")
-    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default="pronunciation",
-                        help="kspon's (spelling)/(pronunciation) pairs: the side to keep")
+    conventions.add_flags(parser, "converted at packing time (see wdx/conventions.py)")
     parser.add_argument("--text-encoding", default="utf-8", help="encoding of text_path files (cp949 / euc-kr for "
                         "KsponSpeech); never guessed")
-    parser.add_argument("--domains", default=",".join(DOMAINS), help="the domains rows may name, comma-separated "
-                        "(as train_loop.py --domains)")
+    parser.add_argument("--domains", type=domains_flag, default=DOMAINS, help="the domains rows may name, "
+                        "comma-separated (as train_loop.py --domains)")
     parser.add_argument("--pcm-rate", type=int, help="sample rate of headerless 16-bit .pcm audio (KsponSpeech: 16000)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -211,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "".encode(args.text_encoding)
     except LookupError:
         parser.error(f"--text-encoding {args.text_encoding}: unknown encoding")
-    try:
-        domains = parse_domains(args.domains)
-    except ValueError as exc:
-        parser.error(f"--domains {args.domains!r}: {exc}")
-    reading = Reading(Convention(args.text_convention, args.dual_transcription), args.text_encoding, args.pcm_rate,
-                      domains)
+    reading = Reading(conventions.from_args(args), args.text_encoding, args.pcm_rate, args.domains)
     try:
         written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
                        None if args.keep_order else args.seed, reading)
