@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,11 +32,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from wdx import augment, checkpoint, encoder_cache, faults, rundir
-from wdx.accel import agree, build_accelerator, gather_list, sum_counts, whole_model_init, zero_stage
+from wdx.accel import agree, build_accelerator, gather_list, group_timeout, sum_counts, whole_model_init, zero_stage
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
-from wdx.data import Position, ShardedSamples, make_loader
+from wdx.data import Position, ShardedSamples, check_domain_skips, make_loader
 from wdx.debug import debug_step
+from wdx.domains import trained_domains
 from wdx.evaluation import evaluate, examples, model_input, token_loss_sum
 from wdx.export import check_hub_credentials, push, write_final
 from wdx.metrics import format_table
@@ -57,15 +57,16 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, spl
                read_sample=None):
     """Train and eval loaders; each rank and worker reads its own samples (never prepare()d).
     `splits` and `read_sample`: the encoder cache's shards and reader, instead of the audio's."""
-    collate = Collator(whisper.tokenizer, cfg.language, cfg.domain_conditioning,
-                       tuple(whisper.model.config.domains) or cfg.domain_names)
+    # the model's domains: --domains plus those a --base-model final/ brought (train and score all, as wdx.evaluate)
+    domains = trained_domains(whisper.model.config, cfg.domain_names)
+    collate = Collator(whisper.tokenizer, cfg.language, cfg.domain_conditioning, domains)
     encode = make_text_encoder(whisper.tokenizer, whisper.model.config.max_target_positions)
     common = dict(rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                   seed=cfg.seed, target_sr=cfg.target_sr, default_domain=cfg.default_domain, convention=cfg.convention,
-                  domains=cfg.domain_names,
+                  domains=domains,
                   shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode,
                   read_sample=read_sample)
-    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, cfg.domain_names)
+    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, domains)
                                          for name in (cfg.train_split, cfg.eval_split)]
     train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size,
                            augment=None if read_sample else augment.build(cfg, whisper.model.config), **common)
@@ -90,10 +91,17 @@ def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> str:
     check_run_dir(cfg)
     if (cfg.login_hf or cfg.push_to_hub) and accelerator.is_main_process:
         log.info("Hugging Face account: %s", check_hub_credentials(verify=cfg.login_hf))
-    if accelerator.is_main_process and cfg.overwrite and not cfg.resume_from_checkpoint:
-        for entry in Path(cfg.run_dir).iterdir():
-            if entry.name != rundir.LOCK_FILE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    # --export writes final/ only: the checkpoint it exports usually lives in this very directory
+    if cfg.overwrite and not (cfg.resume_from_checkpoint or cfg.export):
+        problem = None
+        if accelerator.is_main_process:
+            try:
+                rundir.clear(cfg.run_dir, {"--base-model": cfg.base_model, "--dataset-root": cfg.dataset_root,
+                                           "--encoder-cache": cfg.encoder_cache, "--noise-dir": cfg.noise_dir})
+            except rundir.RunDirError as exc:
+                problem = str(exc)
+        if agree(accelerator, problem is not None)[0]:
+            raise rundir.RunDirError(problem or "--overwrite: refused on the main process")
     accelerator.wait_for_everyone()
     config_json = cfg.to_json()
     log.info("config:\n%s", config_json)
@@ -158,7 +166,8 @@ def describe_plan(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, 
         f"  domain tokens      {whisper.domain_token_ids}",
         f"  processes          {world} x {max(1, cfg.num_workers)} loader workers, device {accelerator.device}, "
         f"distributed type {accelerator.distributed_type.value}"
-        + (f", ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else ""),
+        + (f", ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else "")
+        + (f", collectives time out after {group_timeout(accelerator):.0f} s" if group_timeout(accelerator) else ""),
         f"  precision          {cfg.precision()} ({cfg.precision_source}): {precision_mode(cfg, accelerator)}",
         f"  effective batch    {batch} per process x {world} processes x {accum} accumulation"
         f" = {batch * world * accum}",
@@ -200,18 +209,35 @@ def data_layout(cfg: TrainConfig, accelerator: Accelerator, train: ShardedSample
             "train_samples": train.split.total}
 
 
-def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerprint: dict,
-                 layout: dict) -> checkpoint.TrainState:
-    """Load model/optimizer/scheduler/RNG from the checkpoint to resume, if any, and return
-    the loop state (a fresh one when starting from step 0)."""
+def resume_point(cfg: TrainConfig, accelerator: Accelerator, layout: dict) -> tuple[Path | None, checkpoint.TrainState]:
+    """The checkpoint to resume (None: start from step 0) and the loop state to go on from,
+    its data position mapped to this run's layout; loads no weights (see load_resume)."""
     fresh = checkpoint.TrainState(world_size=accelerator.num_processes, num_workers=cfg.num_workers,
                                   data_layout=layout)
     resume = checkpoint.resolve(cfg.run_dir, cfg.resume_from_checkpoint)
     if resume is None:
-        return fresh
-    checkpoint.check_fingerprint(resume, fingerprint)
+        return None, fresh
     state = checkpoint.TrainState.load(resume)
     check_world_size(accelerator, resume, state)
+    saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
+    changed = {k: (v, layout[k]) for k, v in saved.items() if layout.get(k) != v}
+    if changed and state.micro_in_epoch:
+        log.warning("the data position of %s cannot be mapped (changed: %s): epoch %d restarts from its first sample, "
+                    "so the samples of that epoch trained before the checkpoint are trained again", resume,
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), state.epoch)
+        state.positions, state.micro_in_epoch = [], 0
+    elif "seed" in changed:
+        log.warning("--seed %d: %s was trained with --seed %d; the data order of the epochs from here follows %d",
+                    cfg.seed, resume, saved["seed"], cfg.seed)
+    state.world_size, state.num_workers, state.data_layout = fresh.world_size, fresh.num_workers, layout
+    return resume, state
+
+
+def load_resume(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerprint: dict, resume: Path,
+                state: checkpoint.TrainState) -> None:
+    """Load model/optimizer/scheduler/RNG from the checkpoint `resume_point` chose; the
+    learning rates and weight decay follow this run's flags."""
+    checkpoint.check_fingerprint(resume, fingerprint)
     checkpoint.load(accelerator, resume)
     # the optimizer's lr was restored as the old schedule left it (0 at the end of a run resumed with a
     # larger --max-steps), its peak as the old --learning-rate: recompute both from this run's flags
@@ -221,19 +247,16 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, scheduler, fingerpr
         log.info("peak learning rates %s replace the checkpoint's %s (--learning-rate, --domain-rows-lr-scale)",
                  peaks, base.base_lrs)
     base.base_lrs = peaks
+    for group in base.optimizer.param_groups:  # AdamW's state was saved with the groups: the flag wins
+        decay = cfg.weight_decay if group.get("name", "blocks") == "blocks" else 0.0
+        if group["weight_decay"] != decay:
+            log.info("weight decay %g (--weight-decay) replaces the checkpoint's %g for %s", decay,
+                     group["weight_decay"], group.get("name", "blocks"))
+            group["weight_decay"] = decay
     base.last_epoch -= 1
     base.step()
     log.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", resume, state.step, state.epoch,
              state.micro_in_epoch)
-    saved = state.data_layout or {"processes": state.world_size, "workers": state.num_workers}  # older checkpoints
-    changed = {k: (v, layout[k]) for k, v in saved.items() if layout.get(k) != v}
-    if changed and state.micro_in_epoch:
-        log.warning("the data position of %s cannot be mapped (changed: %s): epoch %d restarts from its first sample, "
-                    "so the samples of that epoch trained before the checkpoint are trained again", resume,
-                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), state.epoch)
-        state.positions, state.micro_in_epoch = [], 0
-    state.world_size, state.num_workers, state.data_layout = fresh.world_size, fresh.num_workers, layout
-    return state
 
 
 def check_world_size(accelerator: Accelerator, path: Path, state: checkpoint.TrainState) -> None:
@@ -300,19 +323,21 @@ class StepBatches:
     """The --grad-accum micro-batches of each optimizer step, epoch after epoch.
 
     Keeps the loop state's epoch and micro-batch count, each loader worker's resume position
-    and the skip counts current. An epoch's remainder of fewer than --grad-accum
-    micro-batches is never read, so every step has exactly grad_accum of them.
+    and the skip counts current. An epoch's last step takes the micro-batches left (fewer than
+    --grad-accum when it does not divide the epoch), as Accelerate's sync_with_dataloader
+    does: no sample sits out.
     """
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, dataset: ShardedSamples, loader,
                  state: checkpoint.TrainState, metrics: MetricsLog) -> None:
         self.cfg, self.accelerator, self.dataset, self.loader, self.state, self.metrics = (
             cfg, accelerator, dataset, loader, state, metrics)
-        self.usable = len(dataset) // cfg.grad_accum * cfg.grad_accum
+        self.per_epoch = len(dataset)  # micro-batches
         starts = state.starts_for(accelerator.process_index) if state.micro_in_epoch else None
         self.positions = starts or self._fresh()
         self.left = 0  # micro-batches still to read in this epoch
         self.skips = Counter(state.skips if accelerator.is_main_process else {})
+        self.epoch_skips: Counter = Counter()  # this process's, since the epoch (or the resume) began
         self.batches = None
         self.keys_log = None
         if cfg.log_sample_keys:
@@ -326,17 +351,17 @@ class StepBatches:
     def next(self) -> list[dict]:
         state = self.state
         while self.batches is None:  # start (or resume into) an epoch
-            # whole steps only; a resume with a larger --grad-accum may find the epoch already done
-            self.left = (self.usable - state.micro_in_epoch) // self.cfg.grad_accum * self.cfg.grad_accum
-            if self.left <= 0:
+            self.left = self.per_epoch - state.micro_in_epoch
+            if self.left <= 0:  # a checkpoint written at an epoch's very end by an older version
                 self._end_epoch()
                 continue
             self.dataset.set_epoch(state.epoch, self.positions if state.micro_in_epoch else None)
             self.batches = itertools.islice(self.loader, self.left)
-        group = [next(self.batches) for _ in range(self.cfg.grad_accum)]
+        group = [next(self.batches) for _ in range(min(self.cfg.grad_accum, self.left))]
         for batch in group:
             self.positions[batch["worker"]] = batch["resume"]
             self.skips.update(batch["skips"])
+            self.epoch_skips.update(batch["skips"])
             if self.keys_log is not None:
                 self.keys_log.write(json.dumps({"epoch": state.epoch, "step": state.step + 1,
                                                 "keys": batch["key"]}) + "\n")
@@ -347,6 +372,9 @@ class StepBatches:
         return group
 
     def _end_epoch(self) -> None:
+        check_domain_skips(self.cfg.train_split, sum_counts(self.accelerator, self.epoch_skips),
+                           self.dataset.samples_per_epoch())
+        self.epoch_skips = Counter()
         run_skips = sum_counts(self.accelerator, self.skips)
         log.info("epoch %d done; samples skipped so far: %s", self.state.epoch, dict(run_skips) or "none")
         self.metrics.write(self.state.step + 1, {"data/epochs_done": self.state.epoch + 1,
@@ -364,11 +392,16 @@ def forward_backward(accelerator: Accelerator, model, micro_batches: list[dict],
     divided by the step's label tokens (transformers' `num_items_in_batch` fix): a mean of
     per-batch means would weigh three short transcripts like eight long ones. Accelerate
     (or DeepSpeed) divides each backward by grad_accum and DDP/ZeRO average over processes;
-    scaling by grad_accum * processes / tokens turns that into exactly the token mean.
-    The token count is all-reduced on the device: a collective, not a host sync.
+    scaling by grad_accum * processes / tokens turns that into exactly the token mean, for
+    an epoch's shorter last step too. The token count is all-reduced on the device: a
+    collective, not a host sync.
     """
+    accum = accelerator.gradient_accumulation_steps
     tokens = sum((b["labels"] != IGNORE).sum() for b in micro_batches).to(accelerator.device)
-    scale = len(micro_batches) * accelerator.num_processes / accelerator.reduce(tokens, reduction="sum")
+    scale = accum * accelerator.num_processes / accelerator.reduce(tokens, reduction="sum")
+    # Accelerate syncs (and steps the optimizer, or DeepSpeed's engine) when its micro-step counter
+    # reaches a multiple of grad_accum: start it so that this step's last micro-batch is the one
+    accelerator.step = accum - len(micro_batches)
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         batch = to_device(batch, accelerator.device)
@@ -456,7 +489,8 @@ def train(cfg: TrainConfig) -> int:
     config_json = prepare_run_dir(cfg, accelerator)
     whisper, groups = build_model(cfg, accelerator)
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)
-    steps_per_epoch, total_steps = count_steps(cfg, train_ds)
+    resume, state = resume_point(cfg, accelerator, data_layout(cfg, accelerator, train_ds))
+    steps_per_epoch, total_steps = count_steps(cfg, len(train_ds), state)
     if cfg.warmup_steps >= total_steps:
         log.warning("--warmup-steps %d: the run has %d optimizer steps; the learning rate never reaches "
                     "--learning-rate %g", cfg.warmup_steps, total_steps, cfg.learning_rate)
@@ -475,7 +509,8 @@ def train(cfg: TrainConfig) -> int:
         log.info("DeepSpeed ZeRO-%d: module in %s; gradients accumulated in %s, reduced in %s", zero_stage(accelerator),
                  dtype, getattr(model.optimizer, "gradient_accumulation_dtype", "?"), model.communication_data_type)
     n_mels = whisper.model.config.num_mel_bins
-    state = resume_state(cfg, accelerator, scheduler, fingerprint, data_layout(cfg, accelerator, train_ds))
+    if resume is not None:
+        load_resume(cfg, accelerator, scheduler, fingerprint, resume, state)
     if cfg.export:
         return export(cfg, accelerator, model, whisper, fingerprint, config_json)
     cache_stats = {}
@@ -521,7 +556,8 @@ def train(cfg: TrainConfig) -> int:
 
             # ---- once in a while: log
             if state.step % cfg.logging_steps == 0 or last:
-                record = meter.record(accelerator, grad_norm, lr, state.epoch + state.micro_in_epoch / batches.usable)
+                epoch = state.epoch + state.micro_in_epoch / batches.per_epoch
+                record = meter.record(accelerator, grad_norm, lr, epoch)
                 metrics.write(state.step, record)
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}",
                                 sps=f"{record['train/samples_per_s']:.1f}")
@@ -562,12 +598,23 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
-def count_steps(cfg: TrainConfig, train: ShardedSamples) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps of the whole run)."""
-    per_epoch = len(train) // cfg.grad_accum
-    if per_epoch == 0:
-        raise ConfigError(f"--grad-accum {cfg.grad_accum}: larger than the {len(train)} micro-batches per epoch")
-    return per_epoch, cfg.max_steps or per_epoch * cfg.num_train_epochs
+def count_steps(cfg: TrainConfig, micro_per_epoch: int, state: checkpoint.TrainState) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run, those done included).
+
+    A step is --grad-accum micro-batches, except an epoch's last, which takes the rest, so
+    every sample of every epoch trains once. An epoch run counts the steps still to take
+    from the data position (epoch, micro-batches into it), not from the steps done: a resume
+    with another --grad-accum regroups what is left and still ends where the unbroken run does.
+    """
+    if cfg.grad_accum > micro_per_epoch:
+        raise ConfigError(f"--grad-accum {cfg.grad_accum}: larger than the {micro_per_epoch} micro-batches per epoch")
+    per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    if cfg.max_steps:
+        return per_epoch, cfg.max_steps
+    if state.epoch >= cfg.num_train_epochs:
+        return per_epoch, state.step
+    in_epoch = math.ceil((micro_per_epoch - state.micro_in_epoch) / cfg.grad_accum)
+    return per_epoch, state.step + in_epoch + (cfg.num_train_epochs - state.epoch - 1) * per_epoch
 
 
 def finish(cfg: TrainConfig, accelerator: Accelerator, model, whisper: Whisper, config_json: str,
@@ -602,6 +649,7 @@ def run_eval(cfg: TrainConfig, accelerator: Accelerator, model, loader, whisper:
     out = evaluate(accelerator, model, loader, whisper.tokenizer, n_mels=whisper.model.config.num_mel_bins,
                    max_new_tokens=cfg.generation_max_length, max_batches=max_batches, pad_to=pad_to,
                    compare_domains=cfg.compare_domains)
+    check_domain_skips(cfg.eval_split, out["skips"], len(out["rows"]) + sum(out["skips"].values()))
     if not out["rows"]:
         raise DatasetError(f"{cfg.eval_split}: no usable sample to evaluate (skipped: {out['skips'] or 'none'})")
     out["step"], seconds = step, time.perf_counter() - t0
@@ -629,25 +677,27 @@ def judge(cfg: TrainConfig, state: checkpoint.TrainState, evaluation: dict, save
     --early-stopping-threshold decides whether it also resets the patience: the threshold
     must never keep a better model out of final/. Without early stopping only evaluations
     at a checkpoint's step can be the best (the best checkpoint is kept out of rotation);
-    with it every new best is saved, so that final/ can hold the best weights. An
-    evaluation whose metric is not a number (every reference empty once normalised) is
-    neither a best nor a spent patience: it says nothing about the model.
+    with it every new best is saved, so that final/ can hold the best weights. A CER or WER
+    that is not a number (every reference empty once normalised) says nothing about the
+    model: neither a best nor a spent patience. A loss that is not finite says the model
+    diverged: never a best, and an evaluation without improvement.
     """
     early = cfg.early_stopping_patience > 0
     if not (saved or early):
         return False, False
     value = {"cer": evaluation["results"]["all"]["cer"], "wer": evaluation["results"]["all"]["wer"],
              "loss": evaluation["loss"]}[cfg.metric_for_best_model]
-    if not math.isfinite(value):
+    diverged = not math.isfinite(evaluation["loss"])
+    if not math.isfinite(value) and not diverged:
         log.warning("step %d: eval %s is %s; not judged (best and early-stopping patience unchanged)", state.step,
                     cfg.metric_for_best_model, value)
         return False, False
     previous = state.best_metric
-    improved = previous is None or value < previous
+    improved = not diverged and (previous is None or value < previous)
     if improved:
         state.best_metric, state.best_step, state.best_results = value, state.step, evaluation["results"]
     if early:
-        significant = previous is None or value < previous - cfg.early_stopping_threshold
+        significant = improved and (previous is None or value < previous - cfg.early_stopping_threshold)
         state.evals_without_improvement = 0 if significant else state.evals_without_improvement + 1
     return improved and early, early and state.evals_without_improvement >= cfg.early_stopping_patience
 

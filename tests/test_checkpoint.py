@@ -26,7 +26,7 @@ def test_half_written_checkpoints_are_never_latest_and_never_push_good_ones_out(
 # what checkpoint.fingerprint records, for a made-up model
 FINGERPRINT = {"base_model": "a", "vocab_size": 10, "d_model": 4, "encoder_layers": 1, "decoder_layers": 1,
                "num_mel_bins": 80, "tokenizer_size": 10, "train_encoder_layers": 1, "train_decoder_layers": 1,
-               "domain_conditioning": "token", "domains": "normal,dyslexic", "frozen_sha256": "f00d"}
+               "domain_conditioning": "token", "domains": "normal,dyslexic", checkpoint.FROZEN_KEY: "f00d"}
 
 
 def test_a_checkpoint_for_another_model_is_refused(tmp_path):
@@ -45,7 +45,8 @@ def test_a_checkpoint_trained_on_other_frozen_weights_or_another_freeze_is_refus
     ck = tmp_path / "step-0000002"
     ck.mkdir()
     mine = {**FINGERPRINT, "base_model": "b"}
-    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps({**mine, "base_model": "a", "frozen_sha256": "beef"}))
+    saved = {**mine, "base_model": "a", checkpoint.FROZEN_KEY: "beef"}
+    (ck / checkpoint.FINGERPRINT_FILE).write_text(json.dumps(saved))
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.check_fingerprint(ck, mine)
     assert str(err.value) == (f"{ck}: trained on the frozen weights of --base-model a; those of --base-model b "
@@ -110,3 +111,6 @@ def test_the_process_group_timeout_is_a_flag_with_a_safe_default():
     assert cfg.ddp_timeout == 1800
     accelerator = build_accelerator(parse_args(["--dataset-root", "x", "--run-name", "x", "--ddp-timeout", "77"]))
     assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=77)}
+    # issue 31.5: a value equal to the handler class's own default (600 s) is passed on too
+    accelerator = build_accelerator(parse_args(["--dataset-root", "x", "--run-name", "x", "--ddp-timeout", "600"]))
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=600)}

@@ -63,10 +63,12 @@ def reference(tiny_dataset, tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_two_processes_train_evaluate_save_resume_and_export(kind, reference, tiny_dataset, tiny_model, tmp_path):
     cache = ["--encoder-cache", str(tmp_path / "cache")] if kind != "zero3" else []
-    argv = common(tiny_dataset, tiny_model, tmp_path, "two") + ["--num-workers", "0",
+    argv = common(tiny_dataset, tiny_model, tmp_path, "two") + ["--num-workers", "0", "--ddp-timeout", "600",
                                                                "--per-device-train-batch-size", "2", *cache]
     done = launch(CONFIGS[kind], *argv)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # issue 31.5: the flag reaches torch.distributed (Accelerate dropped 600 s as "its default": gloo waited 1800)
+    assert "collectives time out after 600 s" in done.stdout
     run = tmp_path / "two"
     if cache:  # each of the 30 clips (24 train, 6 val) encoded once, by one of the two processes
         assert [r["encoder_cache/clips_built"] for r in records(run) if "encoder_cache/clips_built" in r] == [30]

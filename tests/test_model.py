@@ -13,7 +13,7 @@ def test_domain_tokens_get_ids_at_or_above_the_model_vocab_and_nothing_shrinks(t
     base_tok = AutoTokenizer.from_pretrained(tiny_model)
     vocab = base.config.vocab_size
     assert len(base_tok) < vocab  # the pitfall's precondition: timestamps missing from the tokenizer
-    w, _ = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2)
+    w, _ = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, rows_init=0.0)
     ids = [w.domain_token_ids[t] for t in DOMAIN_TOKENS]
     assert ids == [vocab, vocab + 1] and w.new_token_rows == ids
     emb = w.model.get_input_embeddings().weight
@@ -121,7 +121,7 @@ def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
     from wdx.evaluation import token_loss_sum
     from wdx.lm_head import plain_whisper
 
-    w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2)
+    w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, rows_init=0.0)
     old = plain_whisper(w.model.config, w.model.generation_config,
                         {k: v.clone() for k, v in w.model.state_dict().items()})  # no shared storage
     old_groups = legacy_setup(old, 2, 2, w.new_token_rows)

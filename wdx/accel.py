@@ -36,7 +36,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     # the process-group timeout bounds how long a collective waits for the slowest rank: rank 0 writing
     # final/ of large-v3 (~6 GB) or one rank building a larger share of the encoder cache
     group = {"backend": "gloo"} if cpu_distributed else {}
-    handlers = [InitProcessGroupKwargs(**group, timeout=timedelta(seconds=cfg.ddp_timeout))]
+    handlers = [process_group_kwargs(timeout=timedelta(seconds=cfg.ddp_timeout), **group)]
     # DDP's gradients become views into its all-reduce buckets instead of a second copy
     handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
     try:
@@ -51,6 +51,20 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         # Accelerate 1.15 accepts fp16 on a CPU and then neither autocasts nor scales: fp32, silently
         raise ConfigError(f"--mixed-precision fp16 ({cfg.precision_source}): fp16 needs a GPU; on a CPU use bf16")
     return accelerator
+
+
+def process_group_kwargs(timeout: timedelta, **kwargs) -> InitProcessGroupKwargs:
+    """InitProcessGroupKwargs that passes on exactly what it is given, `timeout` always.
+
+    Its `to_kwargs()` drops every value equal to the class default's, and the default instance
+    (backend "nccl") holds a 600 s timeout: --ddp-timeout 600 was dropped, and gloo then ran with
+    torch's 30 minutes. Accelerate looks handlers up by their exact class, so the method is
+    replaced on the instance rather than in a subclass.
+    """
+    handler = InitProcessGroupKwargs(timeout=timeout, **kwargs)
+    given = {**kwargs, "timeout": timeout}
+    object.__setattr__(handler, "to_kwargs", lambda: dict(given))
+    return handler
 
 
 def deepspeed_plugin(cfg: TrainConfig) -> DeepSpeedPlugin | None:
@@ -88,6 +102,17 @@ def reconcile_deepspeed(cfg: TrainConfig, ds: dict) -> None:
                           f"--per-device-train-batch-size x --grad-accum x processes = {total}")
     for name in ("bf16", "fp16"):
         ds.setdefault(name, {})["enabled"] = cfg.precision() == name
+
+
+def group_timeout(accelerator: Accelerator) -> float | None:
+    """Seconds the process group's collectives wait, as torch.distributed holds it (None: one process)."""
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        return None
+    group = torch.distributed.distributed_c10d._get_default_group()
+    try:
+        return group._get_backend(accelerator.device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # torch internals: say nothing rather than fail the run
+        return None
 
 
 def zero_stage(accelerator: Accelerator) -> int:

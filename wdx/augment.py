@@ -11,8 +11,12 @@ exact resume reproduces it. Evaluation is never augmented (only the training loa
 - noise: a recording from `noise_dir` (a random stretch, looped if short), or Gaussian noise
   when no directory is given, added at an SNR drawn uniformly from the range.
 - SpecAugment: time and mel-channel masks drawn with transformers' own `_compute_mask_indices`
-  (its numpy randomness seeded per sample) and applied to the log-mel as Whisper's
-  `_mask_input_features` does (masked values set to 0).
+  (its numpy randomness seeded per sample), time masks within the clip's own frames (as
+  transformers draws them under the feature extractor's attention mask, never in the
+  padding), and applied to the log-mel as Whisper's `_mask_input_features` does (masked
+  values set to 0). This is the only place masks come from: wdx.lm_head.DomainWhisper
+  switches transformers' own masking off, which `apply_spec_augment` in a base model's
+  config would otherwise run a second time inside the model.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RATE = 16000
 MAX_SAMPLES = 30 * RATE
+HOP = 160  # Whisper's log-mel frames are 10 ms
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Augmenter:
             audio = add_noise(audio, rng, rng.uniform(*self.snr_db), self.noise)
         out = {**sample, "audio": audio.astype(np.float32, copy=False)}
         if self.spec is not None:
-            out["spec_masks"] = spec_masks(self.spec, rng, self.n_mels)
+            out["spec_masks"] = spec_masks(self.spec, rng, self.n_mels, length=-(-len(audio) // HOP))
         return out
 
 
@@ -107,15 +112,20 @@ def _numpy_seeded(seed: int):
         np.random.set_state(state)
 
 
-def spec_masks(spec: SpecAugment, rng: np.random.Generator, n_mels: int, frames: int = 3000) -> dict[str, np.ndarray]:
-    """{"time": bool [frames], "feature": bool [n_mels]}: what to zero in this sample's log-mel."""
+def spec_masks(spec: SpecAugment, rng: np.random.Generator, n_mels: int, frames: int = 3000,
+               length: int | None = None) -> dict[str, np.ndarray]:
+    """{"time": bool [frames], "feature": bool [n_mels]}: what to zero in this sample's log-mel.
+    Time masks fall within the first `length` frames (the clip's; default: all)."""
+    import torch
     from transformers.models.whisper.modeling_whisper import _compute_mask_indices
 
     out = {"time": np.zeros(frames, bool), "feature": np.zeros(n_mels, bool)}
+    valid = torch.zeros(1, frames, dtype=torch.long)
+    valid[0, : frames if length is None else max(1, min(length, frames))] = 1
     with _numpy_seeded(int(rng.integers(2**32))):
         if spec.mask_time_prob > 0:
             out["time"] = _compute_mask_indices((1, frames), spec.mask_time_prob, spec.mask_time_length,
-                                                min_masks=spec.mask_time_min_masks)[0]
+                                                attention_mask=valid, min_masks=spec.mask_time_min_masks)[0]
         if spec.mask_feature_prob > 0:
             out["feature"] = _compute_mask_indices((1, n_mels), spec.mask_feature_prob, spec.mask_feature_length,
                                                    min_masks=spec.mask_feature_min_masks)[0]

@@ -248,6 +248,10 @@ def rotate(run_dir: str | Path, keep: int, best_step: int | None) -> list[Path]:
     return removed
 
 
+# The frozen weights' hash, seeded domain-token rows left out (they train, and --seed only
+# decides where they start). Checkpoints written before it recorded the rows too under
+# "frozen_sha256", which a resume with another --seed refused: those are no longer checked.
+FROZEN_KEY = "frozen_weights_sha256"
 # what a checkpoint was trained with that a resume must repeat, by the flag that sets it
 FREEZE_FLAGS = {"train_encoder_layers": "--train-encoder-layers", "train_decoder_layers": "--train-decoder-layers",
                 "domain_conditioning": "--domain-conditioning", "domains": "--domains"}
@@ -261,7 +265,7 @@ def fingerprint(whisper, base_model: str, train_encoder_layers: int, train_decod
             "num_mel_bins": c.num_mel_bins, "tokenizer_size": len(whisper.tokenizer), "domain_rows": DOMAIN_ROWS,
             "train_encoder_layers": train_encoder_layers, "train_decoder_layers": train_decoder_layers,
             "domain_conditioning": getattr(c, "domain_conditioning", "token"),
-            "domains": ",".join(getattr(c, "domains", None) or ()), "frozen_sha256": whisper.frozen_sha256}
+            "domains": ",".join(getattr(c, "domains", None) or ()), FROZEN_KEY: whisper.frozen_sha256}
 
 
 def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
@@ -286,13 +290,13 @@ def check_fingerprint(checkpoint: str | Path, current: dict) -> None:
         if saved.get(key, current[key]) != current[key]:
             raise CheckpointError(f"{checkpoint}: trained with {flag} {saved[key]}, this run has {current[key]}; "
                                   f"resume with {flag} {saved[key]} (or start a new run from an exported final/)")
-    differ = [k for k in current if k not in ("base_model", "frozen_sha256", *FREEZE_FLAGS)
+    differ = [k for k in current if k not in ("base_model", FROZEN_KEY, *FREEZE_FLAGS)
               and saved.get(k) != current[k]]
     if differ:
         details = ", ".join(f"{k} {saved.get(k)} vs {current[k]}" for k in differ)
         raise CheckpointError(f"{checkpoint}: written for another model or tokenizer "
                               f"({saved.get('base_model')}; {details})")
-    if saved.get("frozen_sha256") not in (None, current["frozen_sha256"]):
+    if saved.get(FROZEN_KEY) not in (None, current[FROZEN_KEY]):
         raise CheckpointError(f"{checkpoint}: trained on the frozen weights of --base-model {saved['base_model']}; "
                               f"those of --base-model {current['base_model']} differ, and final/ would join the two. "
                               f"Use --base-model {saved['base_model']} and the same --train-encoder-layers / "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .augment import SpecAugment
 from .conventions import CONVENTIONS, DUAL_SIDES, Convention
-from .domains import DOMAINS, parse_domains
+from .domains import DOMAINS, ROWS_INIT, parse_domains
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -93,9 +93,9 @@ class TrainConfig:
                                             "the same recipe with the 4-token prompt and no domain rows (the "
                                             "baseline that measures what the token adds)", choices=("token", "none"),
                                    group="model")
-    domain_rows_init: float = opt(1.0, "the domain-token rows start at the embedding's mean row plus this many of "
-                                         "its per-dimension standard deviations of seeded Gaussian noise, each row "
-                                         "its own (0: both start identical)", group="model")
+    domain_rows_init: float = opt(ROWS_INIT, "the domain-token rows start at the embedding's mean row plus this many "
+                                  "of its per-dimension standard deviations of seeded Gaussian noise, each row its "
+                                  "own (0: both start identical)", group="model")
     domain_rows_lr_scale: float = opt(1.0, "learning rate of the domain-token rows: --learning-rate times this",
                                       group="model")
     train_encoder_layers: int = opt(4, "train the last N encoder blocks (whole blocks)", group="model")

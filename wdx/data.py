@@ -33,7 +33,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander
 
 from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, decode_audio, decode_pcm, resample, to_mono, unusable
 from .conventions import PLAIN, Convention, convert
-from .domains import DOMAINS
+from .domains import AGGREGATE, DOMAINS
 from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
 from .shards import DatasetError, Split, open_url
 from .text import normalize_text
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_SECONDS = 30.0  # Whisper's encoder sees exactly 30 s; longer audio cannot be trained on
 MIN_SECONDS = 0.1  # shorter audio cannot hold a spoken word
+MIN_RATE, MAX_RATE = 1000, 384000  # Hz a headerless .pcm may declare
 MAX_CHARS_PER_SECOND = 25  # 3x fast Korean speech: more characters than this per second cannot be in the audio
 SKIP_LOG_LIMIT = 20  # per reason and process: the first few are logged with shard and key
 
@@ -81,6 +82,22 @@ class Skips:
         """Counts since the last call (attached to each batch)."""
         out, self.counts = dict(self.counts), Counter()
         return out
+
+
+MAX_DOMAIN_SKIP_SHARE = 0.05  # of an epoch's (or an evaluation's) samples: more is a labelling error, not noise
+DOMAIN_SKIPS = ("unknown_domain", "no_domain")
+
+
+def check_domain_skips(split: str, skips: dict[str, int], samples: int) -> None:
+    """Refuse a split whose samples name domains the model does not know (or none) above
+    MAX_DOMAIN_SKIP_SHARE: a corpus labelled with other names would otherwise train on the
+    few samples left, or on nothing, and exit 0."""
+    bad = sum(skips.get(r, 0) for r in DOMAIN_SKIPS)
+    if samples and bad > MAX_DOMAIN_SKIP_SHARE * samples:
+        detail = ", ".join(f"{r} {skips[r]}" for r in DOMAIN_SKIPS if skips.get(r))
+        raise DatasetError(f"{split}: {bad} of {samples} samples skipped for their domain ({detail}; the log names "
+                           f"the first ones): more than {MAX_DOMAIN_SKIP_SHARE:.0%}. Name every domain in --domains, "
+                           "or fix the samples' domain (or the split's, or --default-domain)")
 
 
 class Recount:
@@ -144,6 +161,9 @@ def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
     back after other samples (members not adjacent in the tar) form an `__extra__` record:
     it takes no sample position (metadata.json counts samples, not runs of members), so
     nothing after it shifts, and it is counted as the skip `non_adjacent_members`.
+
+    A json named with a dot in its extension (`0001.meta.json` beside `0001.wav`, webdataset's
+    way of naming it) belongs to the sample `0001`, whichever of the two comes first in the tar.
     """
     seen: set[str] = set()
     current: dict | None = None
@@ -152,6 +172,9 @@ def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
         if key is None:
             continue  # a member without an extension (e.g. a directory entry)
         ext = ext.lower()
+        if current is not None and key != current["__key__"]:
+            key, ext = _join_dotted_json(current, key, ext)
+            seen.add(current["__key__"])
         if current is None or key != current["__key__"]:
             if current is not None:
                 yield current
@@ -167,6 +190,20 @@ def group_members(files: Iterable[dict], url: str) -> Iterator[dict]:
             current[ext] = member["data"]
     if current is not None:
         yield current
+
+
+def _join_dotted_json(current: dict, key: str, ext: str) -> tuple[str, str]:
+    """(key, ext) of a member next to the sample being grouped: `K.meta` + json after sample K
+    joins it as `meta.json`; sample K arriving after a record `K.meta` that holds only a json
+    takes that record over (renamed in place)."""
+    held = current["__key__"]
+    if ext == "json" and key.startswith(held + "."):
+        return held, f"{key[len(held) + 1:]}.json"
+    members = [k for k in current if not k.startswith("__")]
+    if held.startswith(key + ".") and members == ["json"] and "__extra__" not in current:
+        current[f"{held[len(key) + 1:]}.json"] = current.pop("json")
+        current["__key__"] = key
+    return key, ext
 
 
 def stream_length(length: int, lanes: int) -> int:
@@ -222,8 +259,11 @@ def cut_segments(segments: list, lo: int, hi: int) -> list:
     return out
 
 
-def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Iterator[tuple[int, dict]]:
-    """(position within `segments`, raw sample) from position `first` on, one shard open at a time."""
+def read_segments(split: Split, segments: list, first: int, skips: Skips,
+                  extras: list | None = None) -> Iterator[tuple[int, dict]]:
+    """(position within `segments`, raw sample) from position `first` on, one shard open at a time.
+    `extras` (the encoder cache's build) collects each counted `__extra__` record in tar order,
+    so that the cache can hold it where the source does and count it again each epoch."""
     for seg_base, seg in _segment_offsets(segments):
         if seg_base + (seg.stop - seg.start) <= first:
             continue  # whole segment before the resume point: not even opened
@@ -234,6 +274,8 @@ def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Ite
                 if "__extra__" in sample:  # belongs to sample i: counted where sample i is read
                     if seg.start <= i < seg.stop and seg_base + i - seg.start >= first:
                         skips.record(sample["__skip__"], shard_name(url), sample["__key__"])
+                        if extras is not None:
+                            extras.append(sample)
                     continue
                 i += 1
                 if i >= seg.stop:
@@ -247,7 +289,7 @@ def read_segments(split: Split, segments: list, first: int, skips: Skips) -> Ite
                     continue  # skipped before decoding
                 yield position, sample
             else:
-                if seen < seg.stop:
+                if seg.start <= seen < seg.stop:  # counted once: by the segment where the shard falls short
                     skips.skip("count_mismatch", shard_name(url), "-", f"ended after {seen} samples; "
                                f"metadata.json says {declared}")
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -352,18 +394,18 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     text = converted.text
     if not text:
         return "empty_transcript"
-    domain = resolve_domain(raw, split_domain, default_domain)
-    if domain is not None and domain.startswith("bad_sample_json:"):
-        return domain
-    if domain is None or (domains is not None and domain not in domains):  # None: any (a model without tokens)
+    meta = sample_meta(raw)
+    if isinstance(meta, str):
+        return meta
+    domain = resolve_domain(raw, meta, split_domain, default_domain)
+    if domain is None or domain == AGGREGATE or (domains is not None and domain not in domains):  # None: any
         return f"{'no_domain' if domain is None else 'unknown_domain'}: {domain!r}"
-    meta = json.loads(raw["json"].decode("utf-8")) if "json" in raw else {}  # resolve_domain vouched for it
     try:
         if ext == PCM:
-            if not isinstance(meta.get("sample_rate"), int):
-                return ("pcm_without_rate: a headerless .pcm needs the sample json's sample_rate "
-                        "(python -m wdx.pack --pcm-rate writes it as wav)")
-            frames, rate = decode_pcm(raw[ext], meta["sample_rate"])
+            rate = pcm_rate(meta.get("sample_rate"))
+            if isinstance(rate, str):
+                return rate
+            frames, rate = decode_pcm(raw[ext], rate)
         else:
             frames, rate = decode_audio(raw[ext], ext)
     except AudioDecodeError as exc:
@@ -397,26 +439,48 @@ def clean_target(value) -> str | None:
     return (normalize_text(value) or None) if isinstance(value, str) else None
 
 
-def resolve_domain(raw: dict, split_domain: str | None, default_domain: str | None) -> str | None:
-    """Sample (`domain` member or json "domain") -> split's metadata.json -> --default-domain.
+def sample_meta(raw: dict) -> dict | str:
+    """The sample's json object ({} without one), or the skip verdict "bad_sample_json: ...".
 
-    A sample .json that cannot be read returns the verdict "bad_sample_json: ...": falling
-    back to the split's domain would train a dyslexic reader's clip as a typical one.
+    Read (and refused) before anything uses it, whatever else the sample holds: falling back
+    to the split's domain would train a dyslexic reader's clip as a typical one. The json is
+    the `json` member, or a single dotted one (`KEY.meta.json`); UTF-8 with or without a BOM,
+    as transcripts are read.
     """
+    names = ["json"] if "json" in raw else [k for k in raw if k.endswith(".json")]
+    if not names:
+        return {}
+    if len(names) > 1:
+        return f"bad_sample_json: {len(names)} json members ({', '.join(sorted(names))}); which one holds the fields?"
+    try:
+        meta = json.loads(raw[names[0]].decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return "bad_sample_json: not UTF-8"
+    except json.JSONDecodeError as exc:
+        return f"bad_sample_json: {exc}"
+    if not isinstance(meta, dict):
+        return f"bad_sample_json: a {type(meta).__name__}, not an object"
+    return meta
+
+
+def resolve_domain(raw: dict, meta: dict, split_domain: str | None, default_domain: str | None) -> str | None:
+    """Sample (`domain` member or json "domain") -> split's metadata.json -> --default-domain."""
     if "domain" in raw:
-        return raw["domain"].decode("utf-8", "replace").strip()
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-        except UnicodeDecodeError:
-            return "bad_sample_json: not UTF-8"
-        except json.JSONDecodeError as exc:
-            return f"bad_sample_json: {exc}"
-        if not isinstance(meta, dict):
-            return f"bad_sample_json: a {type(meta).__name__}, not an object"
-        if meta.get("domain") is not None:
-            return str(meta["domain"])
+        return raw["domain"].decode("utf-8-sig", "replace").strip()
+    if meta.get("domain") is not None:
+        return str(meta["domain"])
     return split_domain or default_domain
+
+
+def pcm_rate(value) -> int | str:
+    """A headerless .pcm's rate from the sample json (an integral number of Hz), or the skip verdict."""
+    if value is None:
+        return ("pcm_without_rate: a headerless .pcm needs the sample json's sample_rate "
+                "(python -m wdx.pack --pcm-rate writes it as wav)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_RATE <= value <= MAX_RATE \
+            or value != int(value):
+        return f"pcm_bad_rate: sample_rate {value!r} in the sample json (whole Hz, {MIN_RATE} to {MAX_RATE})"
+    return int(value)
 
 
 def batched(src: Iterable[dict], sizes: list[int] | None, batch_size: int, collate: Callable,

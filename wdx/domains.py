@@ -11,6 +11,8 @@ import argparse
 import re
 
 DOMAINS: tuple[str, ...] = ("normal", "dyslexic")  # --domains' default
+ROWS_INIT = 1.0  # --domain-rows-init's default (wdx.model.setup's too), chosen by measurement (README)
+AGGREGATE = "all"  # the row of every results table that pools the domains: no domain may have its name
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _TOKEN = re.compile(r"<\|domain:([a-z0-9][a-z0-9_-]{0,31})\|>")
 
@@ -31,6 +33,9 @@ def parse_domains(value: str) -> tuple[str, ...]:
         raise ValueError(f"domain names are lower-case letters, digits, '_' and '-' (at most 32): {bad}")
     if len(set(names)) != len(names):
         raise ValueError(f"a domain is named twice: {value}")
+    if AGGREGATE in names:
+        raise ValueError(f"'{AGGREGATE}' names the row of every results table that pools all domains; "
+                         "call the domain something else")
     return names
 
 
@@ -57,3 +62,9 @@ def model_domains(config, vocab) -> tuple[str, ...]:
         return ()
     recorded = get("domains", None)
     return tuple(recorded) if recorded else vocab_domains(vocab)
+
+
+def trained_domains(config, flag_domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The domains a run trains and scores: the model's after set-up (--domains plus those a
+    --base-model final/ brought), or --domains for a model without domain tokens."""
+    return tuple(getattr(config, "domains", None) or ()) or flag_domains

@@ -18,6 +18,10 @@ The cache keeps that output in the compute dtype, next to what the loader needs:
                                 shard without it, or of another size (truncated, overwritten), is
                                 built again
 
+A source shard is recognised as changed by its size and modification time (a URL shard by
+its sha256): a tool that rewrites a shard keeping both (rsync --inplace -t, a restored
+backup) needs --rebuild-encoder-cache.
+
 Mirroring the source shards keeps every slot, shuffle and resume rule of wdx.data as it is:
 the loader reads cache shards instead of audio shards, and `read_cached` stands in for
 audio decoding. Shard i is built by rank i % world_size, written to NAME.partial and renamed
@@ -41,6 +45,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import transformers
 import webdataset as wds
 
 from . import audio, conventions, data, features, text
@@ -49,8 +54,10 @@ from .augment import SpecAugment
 from .config import ConfigError, TrainConfig
 from .conventions import Convention
 from .data import Skips, decode_sample, pad_audio, read_segments
+from .domains import trained_domains
 from .evaluation import model_input
 from .features import HOP_LENGTH, N_FFT, SAMPLE_RATE
+from .lm_head import DomainWhisper
 from .model import tensors_sha256
 from .sharding import Segment
 from .shards import Split, is_url, open_url
@@ -67,7 +74,8 @@ CAUSES = {"version": "the cache format of this trainer", "prefix_sha256": "--bas
           "frozen_blocks": "--train-encoder-layers", "d_model": "--base-model", "n_mels": "--base-model",
           "mel": "the log-mel settings of wdx.features", "dtype": "--mixed-precision",
           "target_sr": "--target-sr", "default_domain": "--default-domain", "splits": "--dataset-root",
-          "convention": "--text-convention / --dual-transcription", "domains": "--domains"}
+          "convention": "--text-convention / --dual-transcription", "domains": "--domains",
+          "libraries": "the torch / transformers versions that compute the states"}
 
 
 class CacheError(ConfigError):
@@ -85,9 +93,12 @@ def code_sha256() -> str:
     """A hash of the code that turns a tar sample into cached states and records: a fix there
     must not be bypassed by states made before it."""
     parts = [inspect.getsource(m) for m in (audio, conventions, features, text)]
-    parts += [inspect.getsource(f) for f in (decode_sample, data.resolve_domain, data.clean_target,
-                                             data.group_members, data.split_member_name, model_input)]
-    parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, sorted(data.MEMBER_TYPES))))
+    parts += [inspect.getsource(f) for f in (decode_sample, data.sample_meta, data.resolve_domain, data.pcm_rate,
+                                             data.clean_target, data.group_members, data._join_dotted_json,
+                                             data.split_member_name, model_input,
+                                             DomainWhisper.encoder_prefix)]
+    parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, data.MIN_RATE, data.MAX_RATE,
+                       sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -139,7 +150,8 @@ def fingerprint(cfg: TrainConfig, model, splits: list[Split], dtype: torch.dtype
             "frozen_blocks": model.frozen_prefix, "d_model": c.d_model, "n_mels": c.num_mel_bins,
             "mel": [SAMPLE_RATE, N_FFT, HOP_LENGTH], "dtype": str(dtype).removeprefix("torch."),
             "target_sr": cfg.target_sr, "default_domain": cfg.default_domain, "convention": list(cfg.convention),
-            "domains": list(cfg.domain_names),
+            "domains": sorted(trained_domains(c, cfg.domain_names)),  # a set: reordering --domains changes nothing
+            "libraries": {"torch": torch.__version__, "transformers": transformers.__version__},
             "splits": {s.name: {"domain": s.domain, "shards": shard_list(s, remote)} for s in splits}}
 
 
@@ -274,9 +286,10 @@ class _ShardClips(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for shard in self.shards[worker::workers]:
-            skips, records, clips = Skips(), [], []
+            skips, records, clips, extras = Skips(), [], [], []
             segment = [Segment(shard, 0, self.split.counts[shard])]
-            for _, raw in read_segments(self.split, segment, 0, skips):
+            for _, raw in read_segments(self.split, segment, 0, skips, extras):
+                records += self._extras(extras)
                 result = self.decode(raw)
                 if isinstance(result, str):
                     skips.record(result, data.shard_name(raw.get("__url__", "?")), raw["__key__"])
@@ -287,7 +300,15 @@ class _ShardClips(torch.utils.data.IterableDataset):
                 if len(clips) == self.batch_size:
                     yield self._batch(shard, records, clips, skips, done=False)
                     records, clips = [], []
-            yield self._batch(shard, records, clips, skips, done=True)
+            yield self._batch(shard, records + self._extras(extras), clips, skips, done=True)
+
+    @staticmethod
+    def _extras(extras: list) -> list[dict]:
+        """Records for the source's non-adjacent members, in their place: the cache shard has them
+        after other samples too, so reading it counts them as the audio path does, every epoch."""
+        out = [{"key": raw["__key__"], "skip": raw["__skip__"]} for raw in extras]
+        extras.clear()
+        return out
 
     @staticmethod
     def _batch(shard: int, records: list, clips: list, skips: Skips, done: bool) -> dict:
@@ -310,6 +331,18 @@ def build_split(model, split: Split, out_dir: Path, shards: list[int], *, batch_
                                                      domains),
                                          batch_size=None, num_workers=workers)
     writers: dict[int, wds.TarWriter] = {}
+    try:
+        return _encode_and_write(model, loader, writers, out_dir, names, dtype, autocast, device)
+    finally:  # after a failed write (a full disk): close now, or the file's finaliser fails again, as a traceback
+        for writer in writers.values():
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+
+def _encode_and_write(model, loader, writers: dict, out_dir: Path, names: list[str], dtype: torch.dtype, autocast,
+                      device: torch.device) -> tuple[int, Counter]:
     clips, skips = 0, Counter()
     with concurrent.futures.ThreadPoolExecutor(1) as disk:
         pending = None
@@ -414,7 +447,7 @@ def ensure(cfg: TrainConfig, accelerator, model, splits: list[Split], dtype: tor
                 n, s = build_split(model, split, root / split.name, todo, batch_size=cfg.per_device_eval_batch_size,
                                    workers=cfg.num_workers, target_sr=cfg.target_sr,
                                    default_domain=cfg.default_domain, convention=cfg.convention,
-                                   domains=cfg.domain_names, dtype=dtype,
+                                   domains=trained_domains(model.config, cfg.domain_names), dtype=dtype,
                                    autocast=accelerator.autocast,
                                    device=accelerator.device)
                 clips, skips = clips + n, skips + s

@@ -139,6 +139,13 @@ class DomainWhisper(WhisperForConditionalGeneration):
 
     frozen_prefix = 0  # encoder blocks below the first trained one
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        # SpecAugment comes from wdx.augment alone (per sample, as --spec-augment says, applied in
+        # wdx.evaluation.model_input); WhisperModel would mask again whenever the base model's config
+        # has apply_spec_augment. The config keeps the flag: exported models are plain Whisper.
+        self.model._mask_input_features = _unmasked
+
     def forward(self, *args, label_positions: torch.Tensor | None = None, label_ids: torch.Tensor | None = None,
                 prefix_states: torch.Tensor | None = None, **kwargs):
         if prefix_states is not None:
@@ -181,6 +188,10 @@ class DomainWhisper(WhisperForConditionalGeneration):
         """Saved as plain Whisper, the domain rows merged into the embedding."""
         plain = plain_whisper(self.config, self.generation_config, self.state_dict())
         return plain.save_pretrained(save_directory, *args, **kwargs)
+
+
+def _unmasked(input_features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return input_features
 
 
 def install_domain_rows(model: WhisperForConditionalGeneration, first: int) -> nn.Parameter:

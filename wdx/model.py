@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from .domains import DOMAINS, domain_token, model_domains
+from .domains import DOMAINS, ROWS_INIT, domain_token, model_domains
 from .lm_head import DomainEmbedding, DomainWhisper, install_domain_rows
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,13 @@ def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def frozen_sha256(model: torch.nn.Module) -> str:
-    """The frozen weights' hash: what a checkpoint's trained tensors were trained on top of."""
-    return tensors_sha256((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    """The frozen weights' hash: what a checkpoint's trained tensors were trained on top of.
+    The embedding's domain-token rows are left out: they train (as their own parameter, see
+    wdx.lm_head), and their seeded starting values are no part of the base."""
+    embedding = model.get_input_embeddings()
+    first = embedding.first if isinstance(embedding, DomainEmbedding) else None
+    return tensors_sha256((n, p[:first] if p is getattr(embedding, "weight", None) else p)
+                          for n, p in model.named_parameters() if not p.requires_grad)
 
 
 def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditionalGeneration, object,
@@ -227,7 +232,7 @@ CONDITIONINGS = ("token", "none")
 
 
 def setup(base_model: str, *, language: str, encoder_layers: int, decoder_layers: int, dropout: float = 0.0,
-          conditioning: str = "token", rows_init: float = 0.0, seed: int = 0, domains: tuple[str, ...] = DOMAINS,
+          conditioning: str = "token", rows_init: float = ROWS_INIT, seed: int = 0, domains: tuple[str, ...] = DOMAINS,
           ) -> tuple[Whisper, dict[str, list[torch.nn.Parameter]]]:
     """Load, add domain tokens (unless `conditioning` is "none": the same recipe without
     them, the baseline that measures what the token adds), then freeze (in that order: see

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -113,3 +114,17 @@ def _read(lock: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}
+
+
+def clear(run_dir: str | Path, inputs: dict[str, str | None]) -> None:
+    """--overwrite: empty the run directory (its lock stays), refusing, before anything is
+    deleted, when one of this run's `inputs` (flag -> path: --base-model RUN/final, a
+    checkpoint, --encoder-cache, the data) lies inside it: it would be gone before it is read."""
+    run = Path(run_dir).resolve()
+    for flag, value in inputs.items():
+        if value and Path(value).exists() and Path(value).resolve().is_relative_to(run):
+            raise RunDirError(f"--overwrite would delete {flag} {value}, which lies inside the run directory "
+                              f"{run_dir}; move it out first, or choose another --run-name")
+    for entry in Path(run_dir).iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
