@@ -32,7 +32,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from wdx import augment, checkpoint, encoder_cache, faults, rundir
-from wdx.accel import agree, build_accelerator, gather_list, group_timeout, sum_counts, whole_model_init, zero_stage
+from wdx.accel import (
+    agree,
+    build_accelerator,
+    gather_list,
+    group_timeout,
+    schedule_the_stepping_optimizer,
+    sum_counts,
+    whole_model_init,
+    zero_stage,
+)
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
 from wdx.data import Position, ShardedSamples, check_domain_skips, make_loader
@@ -504,6 +513,7 @@ def train(cfg: TrainConfig) -> int:
     fingerprint = checkpoint.fingerprint(whisper, cfg.base_model, cfg.train_encoder_layers,
                                          cfg.train_decoder_layers)
     model, optimizer, scheduler = accelerator.prepare(whisper.model, optimizer, scheduler)
+    schedule_the_stepping_optimizer(scheduler, optimizer)
     dtype = accelerator.unwrap_model(model).dtype  # bf16/fp16 when DeepSpeed cast the module
     if zero_stage(accelerator):  # what the engine really does with gradients (ds_configs/ asks for fp32)
         log.info("DeepSpeed ZeRO-%d: module in %s; gradients accumulated in %s, reduced in %s", zero_stage(accelerator),

@@ -115,6 +115,28 @@ def group_timeout(accelerator: Accelerator) -> float | None:
         return None
 
 
+def stepping_optimizer(optimizer):
+    """The optimizer that applies the update, under Accelerate's and DeepSpeed's wrappers."""
+    while hasattr(getattr(optimizer, "optimizer", None), "param_groups"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def schedule_the_stepping_optimizer(scheduler, optimizer) -> None:
+    """Point the learning-rate schedule at the optimizer that steps.
+
+    The schedule was built on our AdamW; under ZeRO-Offload Accelerate swaps in a
+    DeepSpeedCPUAdam made from the same param-group dicts, and its `load_state_dict` on resume
+    replaces those dicts: the schedule would go on writing learning rates into the old ones,
+    and training would keep the checkpoint's rate. LambdaLR reads `optimizer.param_groups`
+    at every step, so pointing it at the stepping optimizer once follows any later load.
+    """
+    base = getattr(scheduler, "scheduler", scheduler)
+    stepping = stepping_optimizer(optimizer)
+    if base.optimizer is not stepping:
+        base.optimizer = stepping
+
+
 def zero_stage(accelerator: Accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return 0 if plugin is None else int(plugin.zero_stage)

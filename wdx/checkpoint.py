@@ -21,7 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import faults
+from . import faults, strictjson
 from .accel import agree
 from .data import Position
 
@@ -65,7 +65,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return strictjson.dumps(asdict(self), indent=1)
 
     @classmethod
     def load(cls, checkpoint: str | Path) -> TrainState:

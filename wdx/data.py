@@ -385,7 +385,7 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if "txt" not in raw:
         return "no_transcript"
     try:
-        written = raw["txt"].decode("utf-8")
+        written = raw["txt"].decode("utf-8-sig")
     except UnicodeDecodeError:
         return "bad_transcript_encoding: not UTF-8 (python -m wdx.pack --text-encoding cp949 decodes CP949)"
     converted = convert(written, convention)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import conventions
+from . import conventions, strictjson
 from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
 from .conventions import PLAIN, Convention, convert
 from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader
@@ -64,9 +64,9 @@ def read_clip(path: str | Path, target_sr: int = 16000):
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file, or an InputError naming it."""
+    """A UTF-8 text file (a byte-order mark dropped, as editors on Windows write it), or an InputError naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
@@ -234,7 +234,7 @@ def compare_main(paths: list[Path], out: Path | None) -> int:
     table = compare(*runs)
     print(format_comparison(table, str(paths[0]), str(paths[1])))
     if out:
-        out.write_text(json.dumps({"a": str(paths[0]), "b": str(paths[1]), "compare": table}, indent=1))
+        out.write_text(strictjson.dumps({"a": str(paths[0]), "b": str(paths[1]), "compare": table}, indent=1))
     return 0
 
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             cers = ", ".join(f"with <|domain:{p}|> {r[f'prompt_{p}']:.4f}" for p in transcriber.domains)
             print(f"  {true:<9} CER {cers}; text changed for {r['changed']}/{r['n']}")
     if args.json:
-        args.json.write_text(json.dumps(report, ensure_ascii=False, indent=1))
+        args.json.write_text(strictjson.dumps(report, ensure_ascii=False, indent=1))
     return 1 if skipped["unreadable_file"] else 0  # a file the user named; dataset skips are counted, as in training
 
 

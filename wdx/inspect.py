@@ -11,7 +11,6 @@ with examples as written and as trained.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from . import conventions
+from . import conventions, strictjson
 from .conventions import PLAIN, Convention
 from .data import Skips, _first_arg, decode_sample, iter_shard, shard_name
 from .domains import DOMAINS, domains_flag
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([vars(r) for r in reports], f, indent=1, ensure_ascii=False)
+            f.write(strictjson.dumps([vars(r) for r in reports], indent=1, ensure_ascii=False))
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -70,6 +71,9 @@ def frozen_sha256(model: torch.nn.Module) -> str:
 def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditionalGeneration, object,
                                                                 WhisperFeatureExtractor]:
     """Load model, tokenizer and feature extractor from a hub id or a local directory."""
+    if looks_like_path(base_model) and not os.path.isdir(base_model):
+        what = "is a file, not a model directory" if os.path.exists(base_model) else "no such directory"
+        raise ModelLoadError(f"--base-model {base_model}: {what}")
     try:
         config = WhisperConfig.from_pretrained(base_model)
         config.dropout = dropout  # must be set before the modules are built
@@ -80,6 +84,13 @@ def load_base(base_model: str, dropout: float = 0.0) -> tuple[WhisperForConditio
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"--base-model {base_model}: cannot load a Whisper model ({first})") from None
     return model, tokenizer, feature_extractor
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id (`owner/name`): transformers reports a missing
+    directory as "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    return (name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or os.path.exists(name)
+            or name.endswith(os.sep))
 
 
 def fill_tokenizer_to_vocab(tokenizer, vocab_size: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import IO
 
@@ -127,6 +128,22 @@ def _shard_url(root: str, split: str, name: str) -> str:
     return join(root, split, name)
 
 
+def _as_stored(split_dir: str, name: str) -> str:
+    """A listed shard name as the file system spells it: a Korean name written in NFC by one tool
+    and stored in NFD by another (macOS, some archivers) is the same shard."""
+    if os.path.isfile(os.path.join(split_dir, name)):
+        return name
+    head, base = os.path.split(name)
+    folder = os.path.join(split_dir, head)
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            if unicodedata.normalize("NFC", entry) == unicodedata.normalize("NFC", base):
+                log.info("%s: listed as %r, stored as %r (another Unicode normalisation); reading it", split_dir,
+                         name, os.path.join(head, entry))
+                return os.path.join(head, entry)
+    return name
+
+
 def load_split(root: str, split: str, samples_per_shard: int | None = None,
                domains: tuple[str, ...] | None = DOMAINS) -> Split:
     """Read `ROOT/split/metadata.json`; without one, count `samples_per_shard` per listed shard.
@@ -152,6 +169,7 @@ def load_split(root: str, split: str, samples_per_shard: int | None = None,
     if not names:
         raise DatasetError(f"{_shard_url(root, split, '')}: no shards")
     if not is_url(root):
+        names = [_as_stored(os.path.join(root, split), n) for n in names]
         missing = [n for n in names if not os.path.isfile(os.path.join(root, split, n))]
         if missing:
             raise DatasetError(f"{os.path.join(root, split, missing[0])}: listed in {METADATA} but missing"

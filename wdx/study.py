@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import evaluate
+from . import evaluate, strictjson
 from .metrics import compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "said; n/a where there is no misread word to count (no `target_text`, or every word read as given).", "",
         *rows, ""])
     (args.out / "STUDY.md").write_text(text)
-    (args.out / "study.json").write_text(json.dumps({"command": command, "minutes": minutes, "extra": extra,
+    (args.out / "study.json").write_text(strictjson.dumps({"command": command, "minutes": minutes, "extra": extra,
                                                      "comparisons": comparisons}, indent=1))
     print(text)
     return 0

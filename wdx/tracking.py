@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
+
+from . import strictjson
 
 
 def quiet_libraries() -> None:
@@ -62,7 +63,7 @@ class MetricsLog:
             drop_after(self.path, resumed_step)
 
     def write(self, step: int, metrics: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        clean = strictjson.finite(metrics)
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **clean}, ensure_ascii=False) + "\n")

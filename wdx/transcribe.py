@@ -10,12 +10,12 @@ cannot be read is reported and left out; the rest are transcribed and the exit s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from . import strictjson
 from .domains import DOMAINS
 from .evaluate import InputError, check_domain_flags, check_output, read_clip
 from .inference import BACKENDS, Transcriber
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wdx.transcribe: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        args.json.write_text(json.dumps(results + failed, ensure_ascii=False, indent=1))
+        args.json.write_text(strictjson.dumps(results + failed, ensure_ascii=False, indent=1))
     if failed:
         print(f"wdx.transcribe: {len(failed)} of {len(args.audio)} files could not be read (see above)",
               file=sys.stderr)

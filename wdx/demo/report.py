@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .. import strictjson  # noqa: E402
 from ..domains import DOMAINS  # noqa: E402
 
 
@@ -181,7 +182,7 @@ def write_report(out: Path, evals: dict[str, tuple[dict, dict]], run_dir: Path, 
              "", "## Example transcripts (val_small)", "", *examples(before, after),
              "## How this was made", "", "```", figures["settings"], "```", "",
              "| stage | seconds |", "|---|---:|", *(f"| {k} | {v:.0f} |" for k, v in timings.items()), ""]
-    (out / "summary.json").write_text(json.dumps(figures, ensure_ascii=False, indent=1))
+    (out / "summary.json").write_text(strictjson.dumps(figures, ensure_ascii=False, indent=1))
     path = out / "REPORT.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
