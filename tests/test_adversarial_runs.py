@@ -66,11 +66,62 @@ def test_a_larger_grad_accum_on_resume_maps_the_position_exactly(four_steps, tin
     assert epoch_keys(out / "r", 0) == Counter({f"tr{i:03d}": 1 for i in range(24)})  # 4 + 2 x 4 micro-batches
 
 
-def test_a_resume_whose_epoch_is_already_done_moves_on(four_steps, tiny_dataset, tiny_model, tmp_path):
+def test_a_resume_with_fewer_micro_batches_left_than_a_step_trains_them(four_steps, tiny_dataset, tiny_model,
+                                                                         tmp_path):
     out = copy_run(four_steps, tmp_path)
-    # 12 micro-batches per epoch, 4 done; steps of 8 leave no whole step in epoch 0 (main hung or raised here)
+    # 12 micro-batches per epoch, 4 done; steps of 8: step 5 takes the 8 left (issue 31.14: they sat out)
     assert resume(tiny_dataset, tiny_model, out, "--grad-accum", "8", "--max-steps", "5") == 0
-    assert sum(epoch_keys(out / "r", 1).values()) == 16 and sum(epoch_keys(out / "r", 0).values()) == 8
+    assert epoch_keys(out / "r", 0) == Counter({f"tr{i:03d}": 1 for i in range(24)})
+    assert not epoch_keys(out / "r", 1)
+
+
+def last_step(run_dir) -> int:
+    return max(json.loads(line)["step"] for line in open(Path(run_dir) / "metrics.jsonl"))
+
+
+def test_an_epoch_run_trains_every_sample_once_an_epoch_fresh_or_resumed_with_another_grad_accum(
+        four_steps, tiny_dataset, tiny_model, tmp_path):
+    every = Counter({f"tr{i:03d}": 1 for i in range(24)})
+    # issue 31.2: 4 steps at accum 1 of 2 epochs x 12 micro-batches, resumed at accum 5: the 8 left of epoch 0
+    # as 5 + 3, epoch 1 as 5 + 5 + 2 (main recounted the run's steps at accum 5 and stopped early)
+    out = copy_run(four_steps, tmp_path / "resumed")
+    assert resume(tiny_dataset, tiny_model, out, "--grad-accum", "5", "--num-train-epochs", "2",
+                  "--eval-steps", "3", "--save-steps", "3") == 0
+    assert epoch_keys(out / "r", 0) == every and epoch_keys(out / "r", 1) == every
+    assert last_step(out / "r") == 4 + 2 + 3
+    # issue 31.14: a fresh run whose accumulation does not divide the epoch (12 micro-batches at accum 5)
+    fresh = tmp_path / "fresh"
+    assert train_loop.main(argv(tiny_dataset, tiny_model, fresh, "r", "--grad-accum", "5", "--num-train-epochs", "1",
+                                "--eval-steps", "1", "--save-steps", "1")) == 0
+    assert epoch_keys(fresh / "r", 0) == every and last_step(fresh / "r") == 3  # main: 2 steps, 20 of 24 samples
+    steps = [trained_tensor(fresh / "r" / "checkpoints" / f"step-000000{s}") for s in (2, 3)]
+    assert not torch.equal(*steps)  # the short last step updates the weights
+
+
+def test_export_with_overwrite_never_deletes_the_checkpoint_it_exports(four_steps, tiny_dataset, tiny_model,
+                                                                       tmp_path, capsys):
+    out = copy_run(four_steps, tmp_path)
+    ckpt = out / "r" / "checkpoints" / "step-0000004"
+    # issue 31.1: main cleared the run directory, this checkpoint included, then failed to load it
+    assert train_loop.main(argv(tiny_dataset, tiny_model, out, "r", "--export", str(ckpt), "--overwrite")) == 0
+    assert checkpoint.verify(ckpt) is None and (out / "r" / "final" / "model.safetensors").exists()
+    # the same class of input: --base-model RUN/final with --overwrite of that run
+    final = out / "r" / "final"
+    assert train_loop.main(argv(tiny_dataset, str(final), out, "r", "--overwrite", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"train_loop.py: error: --overwrite would delete --base-model {final}, which lies inside the run "
+                   f"directory {out / 'r'}; move it out first, or choose another --run-name")
+    assert (final / "model.safetensors").exists() and checkpoint.verify(ckpt) is None
+
+
+def test_a_resume_with_another_seed_or_weight_decay_is_taken_and_said(four_steps, tiny_dataset, tiny_model, tmp_path,
+                                                                      capsys):
+    out = copy_run(four_steps, tmp_path)
+    # issue 31.4: the domain rows' seeded start made main refuse this as "other frozen weights"
+    assert resume(tiny_dataset, tiny_model, out, "--seed", "4", "--weight-decay", "0.01", "--max-steps", "5") == 0
+    log = capsys.readouterr().out
+    assert "cannot be mapped (changed: seed 3 -> 4): epoch 0 restarts" in log
+    assert "weight decay 0.01 (--weight-decay) replaces the checkpoint's 0 for blocks" in log
 
 
 def test_another_batch_size_on_resume_restarts_the_epoch_with_a_warning(four_steps, tiny_dataset, tiny_model,
@@ -291,11 +342,10 @@ def test_a_deepspeed_checkpoint_of_another_world_size_is_refused_naming_what_wor
     cfg = TrainConfig(dataset_root="x", run_name="r", output_dir=str(out), resume_from_checkpoint=str(ck))
     zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
     accelerator = SimpleNamespace(num_processes=1, state=zero2)
-    fingerprint = json.loads((ck / checkpoint.FINGERPRINT_FILE).read_text())
     (ck / checkpoint.MANIFEST_FILE).unlink()
     checkpoint.write_manifest(ck)
     with pytest.raises(checkpoint.CheckpointError) as err:
-        train_loop.resume_state(cfg, accelerator, None, fingerprint, {})
+        train_loop.resume_point(cfg, accelerator, {})
     assert str(err.value) == (f"{ck}: written by 2 processes under DeepSpeed, whose optimizer shards only load on as "
                               "many; this run has 1. Resume with 2 processes, or write its weights with them "
                               f"(--export {ck}) and start a new run with --base-model RUN/final")

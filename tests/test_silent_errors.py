@@ -1,0 +1,249 @@
+"""Issue 31: silent wrong results, round 2 (data, model and tool side; runs: test_adversarial_runs.py)."""
+
+import json
+import math
+import shutil
+import unicodedata
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import train_loop
+from tests.conftest import make_sample
+from tests.test_adversarial_data import members_of, write_raw_shard
+from tests.test_data import flat, run
+from wdx import strictjson
+from wdx.augment import SpecAugment, spec_masks
+from wdx.data import DatasetError, check_domain_skips, decode_sample, group_members
+from wdx.domains import parse_domains
+from wdx.model import ModelLoadError, frozen_sha256, setup
+from wdx.pack import write_split
+from wdx.shards import load_split
+
+
+def decoded(raw: dict, **kw):
+    return decode_sample(raw, target_sr=16000, split_domain=None, default_domain=None, **kw)
+
+
+# ---- 8, 16: the sample json
+
+def test_a_bad_sample_json_is_a_skip_whatever_else_the_sample_holds():
+    base = make_sample("a", domain="dyslexic", domain_in="member")  # a .domain member: main never read the json
+    assert decoded({**base, "json": b'{"domain": "dyslexic",'}).startswith("bad_sample_json:")  # main: JSONDecodeError
+    assert decoded({**base, "json": b"[]"}) == "bad_sample_json: a list, not an object"  # main: AttributeError
+    assert decoded({**base, "json": b"\xff\xfe"}) == "bad_sample_json: not UTF-8"
+    bom = make_sample("b", domain="dyslexic")
+    bom["json"] = "\ufeff".encode() + bom["json"]  # main: skipped as bad json while a BOM'd transcript passed
+    assert decoded(bom)["domain"] == "dyslexic"
+
+
+def test_a_dotted_json_member_belongs_to_its_sample_in_either_order(tmp_path):
+    a, b = make_sample("0001", domain="dyslexic"), make_sample("0002", domain="dyslexic")
+    for s in (a, b):
+        s["meta.json"] = s.pop("json")
+    # sorted tar order puts 0001.meta.json before 0001.txt; 0002's comes after its audio
+    members = [("0001.meta.json", a["meta.json"]), ("0001.flac", a["flac"]), ("0001.txt", a["txt"]),
+               ("0002.flac", b["flac"]), ("0002.meta.json", b["meta.json"]), ("0002.txt", b["txt"])]
+    write_raw_shard(tmp_path / "data" / "val_small", members, declared=2)
+    files = [{"fname": name, "data": data} for name, data in members]
+    samples = list(group_members(files, "x"))
+    assert [s["__key__"] for s in samples] == ["0001", "0002"]  # main: 0001.meta, 0001, 0002, 0002.meta
+    assert all(decoded(s)["domain"] == "dyslexic" for s in samples)
+    keys, skips = run(str(tmp_path / "data"), split="val_small", train=False, batch=10, default_domain="normal")
+    assert flat(keys) == ["0001", "0002"] and not skips
+
+
+# ---- 9: a headerless pcm's rate
+
+@pytest.mark.parametrize("rate, verdict", [(0, "pcm_bad_rate"), (-16000, "pcm_bad_rate"), (16000.5, "pcm_bad_rate"),
+                                           (True, "pcm_bad_rate"), ("16000", "pcm_bad_rate"),
+                                           (None, "pcm_without_rate"), (16000.0, None), (8000, None)])
+def test_a_pcm_rate_that_cannot_be_a_rate_is_a_named_skip(rate, verdict):
+    pcm = (np.sin(np.arange(16000) / 5) * 8000).astype("<i2").tobytes()
+    meta = {"domain": "normal"} if rate is None else {"domain": "normal", "sample_rate": rate}
+    out = decoded({"__key__": "k", "pcm": pcm, "txt": "안녕".encode(), "json": json.dumps(meta).encode()})
+    if verdict is None:
+        assert out["sample_rate"] == int(rate) and out["duration"] == pytest.approx(16000 / rate)
+    else:
+        assert isinstance(out, str) and out.startswith(verdict + ":"), out  # main: ZeroDivisionError at 0
+
+
+# ---- 10, 11: domains
+
+def test_domains_that_collide_or_that_the_model_does_not_know():
+    with pytest.raises(ValueError, match="'all' names the row of every results table"):
+        parse_domains("normal,all")
+    assert decoded(make_sample("a", domain="all"), domains=None) == "unknown_domain: 'all'"
+    check_domain_skips("train", {"unknown_domain": 5}, 100)  # 5 %: counted, trained on
+    with pytest.raises(DatasetError, match=r"^train: 6 of 100 samples skipped for their domain \(unknown_domain 6;"):
+        check_domain_skips("train", {"unknown_domain": 6, "too_long": 50}, 100)
+
+
+def test_a_short_shard_read_by_two_slots_is_one_count_mismatch(tmp_path):
+    samples = [make_sample(f"s{i}", seed=i, seconds=0.3, text="안녕") for i in range(4)]
+    write_raw_shard(tmp_path / "data" / "val_small", [m for s in samples for m in members_of(s)], declared=8)
+    counts = Counter()
+    for w in range(2):  # eval slots [0, 4) and [4, 8): the shard ends where slot 1 begins
+        counts.update(run(str(tmp_path / "data"), split="val_small", train=False, batch=10, world=2, rank=w)[1])
+    assert counts == {"count_mismatch": 1}
+    write_raw_shard(tmp_path / "d2" / "val_small", [m for s in samples[:1] for m in members_of(s)], declared=8)
+    counts = Counter()
+    for w in range(4):  # four slots of 2; the shard ends in slot 0: slots 1-3 read nothing and count nothing
+        counts.update(run(str(tmp_path / "d2"), split="val_small", train=False, batch=10, world=4, rank=w)[1])
+    assert counts == {"count_mismatch": 1}  # main: 4
+
+
+# ---- 16: paths
+
+def test_a_shard_listed_in_nfc_and_stored_in_nfd_is_read(tmp_path):
+    name = "학교.tar"
+    write_split(tmp_path / "data" / "val_small", [make_sample("a"), make_sample("b", seed=1)], max_count=5)
+    split_dir = tmp_path / "data" / "val_small"
+    written = json.loads((split_dir / "metadata.json").read_text())
+    (split_dir / written["shards"][0]["filename"]).rename(split_dir / unicodedata.normalize("NFD", name))
+    written["shards"][0]["filename"] = unicodedata.normalize("NFC", name)
+    (split_dir / "metadata.json").write_text(json.dumps(written, ensure_ascii=False))
+    split = load_split(str(tmp_path / "data"), "val_small")  # main: "listed in metadata.json but missing"
+    assert split.files == (unicodedata.normalize("NFD", name),)
+    keys, _ = run(str(tmp_path / "data"), split="val_small", train=False, batch=10)
+    assert flat(keys) == ["a", "b"]
+
+
+def test_a_missing_local_base_model_says_so(tmp_path):
+    for path in (str(tmp_path / "no" / "such"), "./final", "runs/r/final"):
+        with pytest.raises(ModelLoadError, match=f"^--base-model {path}: no such directory$"):
+            setup(path, language="ko", encoder_layers=1, decoder_layers=1)  # main: "Repo id must be in the form"
+
+
+# ---- 15: every JSON the tools write parses strictly
+
+def strict_loads(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_written_json_has_no_bare_nan():
+    report = {"results": {"adhd": {"n": 0, "cer": math.nan, "wer": math.inf}, "all": {"cer": 0.1}}, "rows": [1.5]}
+    assert strict_loads(strictjson.dumps(report)) == {"results": {"adhd": {"n": 0, "cer": None, "wer": None},
+                                                                  "all": {"cer": 0.1}}, "rows": [1.5]}
+    from wdx.checkpoint import TrainState
+
+    state = TrainState(best_results={"normal": {"cer": math.nan}})
+    assert strict_loads(state.to_json())["best_results"] == {"normal": {"cer": None}}
+
+
+# ---- 3: SpecAugment once, where the flags say
+
+def test_spec_augment_runs_once_and_never_in_the_padding(tiny_model, tmp_path):
+    from transformers import WhisperConfig
+
+    from wdx import augment
+    from wdx.config import parse_args
+    from wdx.evaluation import token_loss_sum
+
+    base = tmp_path / "spec-base"
+    shutil.copytree(tiny_model, base)
+    config = WhisperConfig.from_pretrained(base)
+    config.apply_spec_augment, config.mask_time_prob, config.mask_feature_prob = True, 0.5, 0.3
+    config.save_pretrained(base)
+    w, _ = setup(str(base), language="ko", encoder_layers=1, decoder_layers=1)
+    w.model.train()
+    features = torch.randn(1, w.model.config.num_mel_bins, 3000)
+    batch = {"decoder_input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[2, 3, 4]])}
+    losses = {float(token_loss_sum(w.model, {"input_features": features.clone()}, batch).detach()) for _ in range(3)}
+    assert len(losses) == 1  # main: transformers masked again, differently at every call
+    # the base config's SpecAugment is ours to apply (said in the log); --no-spec-augment is really off
+    cfg = parse_args(["--dataset-root", "x", "--run-name", "x"])
+    assert augment.build(cfg, w.model.config).spec == SpecAugment.from_config(w.model.config)
+    assert augment.build(parse_args(["--dataset-root", "x", "--run-name", "x", "--no-spec-augment"]),
+                         w.model.config) is None
+    # time masks fall within the clip's frames, as transformers draws them under the attention mask
+    for seed in range(20):
+        masks = spec_masks(SpecAugment(mask_time_prob=0.5), np.random.default_rng(seed), 80, length=120)
+        assert masks["time"][:120].any() and not masks["time"][120:].any()
+
+
+# ---- 4, 7: the frozen weights' hash and the defaults
+
+def test_the_frozen_hash_leaves_the_seeded_domain_rows_out(tiny_model):
+    a, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1, seed=1)
+    b, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1, seed=2)
+    assert not torch.equal(a.model.get_input_embeddings().weight, b.model.get_input_embeddings().weight)
+    assert frozen_sha256(a.model) == frozen_sha256(b.model)  # main: differ, and a resume with --seed 2 refused
+    c, _ = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=1, seed=1)
+    assert frozen_sha256(c.model) != frozen_sha256(a.model)  # another freeze is still told apart
+
+
+def test_setup_and_the_cli_share_the_rows_init_default():
+    import inspect
+
+    from wdx.config import TrainConfig
+
+    assert inspect.signature(setup).parameters["rows_init"].default == TrainConfig().domain_rows_init == 1.0
+
+
+def test_a_diverged_eval_loss_spends_patience_and_an_empty_cer_does_not():
+    from wdx.checkpoint import TrainState
+    from wdx.config import parse_args
+
+    cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--early-stopping-patience", "2",
+                      "--metric-for-best-model", "loss"])
+    state, verdicts = TrainState(), []
+    for step, loss in enumerate([1.0, math.nan, math.nan], start=1):
+        state.step = step
+        verdicts.append(train_loop.judge(cfg, state, {"results": {"all": {"cer": 0.5, "wer": 0.5}}, "loss": loss},
+                                         False))
+    assert verdicts == [(True, False), (False, False), (False, True)]  # main: NaN never counted, never stopped
+    assert (state.best_step, state.evals_without_improvement) == (1, 2)
+    cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--early-stopping-patience", "1"])
+    state = TrainState(step=1)
+    assert train_loop.judge(cfg, state, {"results": {"all": {"cer": math.nan, "wer": math.nan}}, "loss": 1.0},
+                            False) == (False, False)
+
+
+# ---- 6: the schedule writes into the optimizer that steps
+
+def test_the_schedule_follows_an_optimizer_that_replaced_its_groups():
+    from transformers import get_scheduler
+
+    from wdx.accel import schedule_the_stepping_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    ours = torch.optim.AdamW([{"params": [p], "name": "blocks"}], lr=1.0)
+    scheduler = get_scheduler("linear", ours, num_warmup_steps=0, num_training_steps=10)
+    # what Accelerate does under ZeRO-Offload: another optimizer made from our group dicts, wrapped twice
+    stepping = torch.optim.AdamW(ours.param_groups, lr=1.0)
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=stepping, param_groups=stepping.param_groups))
+    schedule_the_stepping_optimizer(scheduler, wrapped)
+    stepping.load_state_dict(stepping.state_dict())  # a resume: new group dicts
+    stepping.step()
+    scheduler.step()
+    assert stepping.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0]) == pytest.approx(0.9)
+
+
+# ---- 12: in-training evaluation scores every domain the model has
+
+def test_a_base_model_s_third_domain_is_trained_and_scored(tiny_model, tmp_path):
+    from wdx.config import parse_args
+
+    final = tmp_path / "final"
+    w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1, domains=("normal", "dyslexic", "adhd"))
+    for part in (w.model, w.tokenizer, w.feature_extractor):
+        part.save_pretrained(final)
+    samples = [make_sample(f"a{i}", seed=i, domain=d, seconds=0.5, text="안녕")
+               for i, d in enumerate(("normal", "dyslexic", "adhd", "adhd"))]
+    write_split(tmp_path / "data" / "train", samples)
+    write_split(tmp_path / "data" / "val_small", samples)
+    cfg = parse_args(["--dataset-root", str(tmp_path / "data"), "--run-name", "x", "--base-model", str(final),
+                      "--num-workers", "0", "--per-device-eval-batch-size", "4"])
+    whisper, _ = setup(str(final), language="ko", encoder_layers=1, decoder_layers=1, domains=cfg.domain_names)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    _, _, val, loader = train_loop.build_data(cfg, accelerator, whisper)
+    val.set_epoch(0)
+    batch = next(iter(loader))
+    # main: the adhd clips skipped as unknown_domain, in training and in the in-training evaluation
+    assert sorted(batch["domain"]) == ["adhd", "adhd", "dyslexic", "normal"] and not batch["skips"]
