@@ -94,7 +94,7 @@ def varied_final(base: str, out: Path) -> Path:
 
     from wdx.model import setup
 
-    w, _ = setup(base, language="ko", encoder_layers=0, decoder_layers=0)
+    w, _ = setup(base, language="ko", encoder_layers=0, decoder_layers=0, rows_init=0.0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in w.model.parameters():

@@ -80,8 +80,11 @@ def test_an_unloadable_base_model_is_one_clear_error(tmp_path):
 
     from wdx.model import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match=r"^--base-model .*nothing-here: cannot load a Whisper model"):
+    with pytest.raises(ModelLoadError, match=r"^--base-model .*nothing-here: no such directory$"):
         setup(str(tmp_path / "nothing-here"), language="ko", encoder_layers=1, decoder_layers=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"^--base-model .*empty: cannot load a Whisper model"):
+        setup(str(tmp_path / "empty"), language="ko", encoder_layers=1, decoder_layers=1)
 
 
 def test_generation_never_emits_a_domain_or_timestamp_token(tiny_model):
