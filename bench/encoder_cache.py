@@ -32,6 +32,7 @@ from pathlib import Path
 from bench.flops import cache_bound
 from bench.gpu import label_tokens
 from bench.inputs import make_dataset
+from wdx import strictjson
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRIES = {"base": dict(n_mels=80, d_model=512, layers=6, heads=8, vocab_size=51865),
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print("disk per clip at 1500 frames: large-v3 (d_model 1280) 3.84 MB in bf16, 7.68 MB in fp32; "
           + ", ".join(f"{n} (d_model {d}) {1500 * d * 4 / 1e6:.2f} MB in fp32" for n, d in sizes.items()))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(strictjson.dumps(results, indent=1))
     return 0
 
 

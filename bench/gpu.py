@@ -30,6 +30,7 @@ import torch
 
 from bench.flops import train_flops_per_sample
 from bench.inputs import make_dataset
+from wdx import strictjson
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE_V3 = dict(n_mels=128, d_model=1280, layers=32, heads=20, vocab_size=51866)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"][preset] = r
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
+    args.json.write_text(strictjson.dumps(results, indent=1))
     return 0
 
 

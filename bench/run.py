@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench import data_path, memory
 from bench.inputs import make_dataset, make_raw_samples
+from wdx import strictjson
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         results["plan_large_v3"] = plan = plan_table("openai/whisper-large-v3", 4, 4, 8, 448, "bf16", gpus=1)
         print("\n== memory plan (train_loop.py --plan), large-v3, 1 GPU\n" + plan)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        args.json.write_text(strictjson.dumps(results, indent=1, ensure_ascii=False))
     return 0
 
 

@@ -320,3 +320,17 @@ def test_a_failed_cache_write_closes_its_files(tiny_model, tiny_dataset, tmp_pat
                                   device=torch.device("cpu"))
     # main left it open: its finaliser failed again later, an "Exception ignored" traceback after the one-line error
     assert opened and all(writer.own_fileobj is None for writer in opened)
+
+
+def test_a_sample_split_across_two_shards_is_two_unusable_positions_each_counted_once(tmp_path):
+    # issue 31.10: kept as it is. metadata.json counts the sample in both shards (each tar holds a record of
+    # it), so it takes two plan positions; each is skipped once, by what it lacks, and nothing after shifts
+    a, b, c = (make_sample(k, seed=i, seconds=0.5, text="안녕") for i, k in enumerate("abc"))
+    split = tmp_path / "data" / "val_small"
+    write_raw_shard(split, members_of(a) + [m for m in members_of(b) if not m[0].endswith(".txt")], declared=2,
+                    name="shard_000000.tar")
+    write_raw_shard(split, [("b.txt", b["txt"])] + members_of(c), declared=2, name="shard_000001.tar")
+    (split / "metadata.json").write_text(json.dumps({"shards": [{"filename": "shard_000000.tar", "samples": 2},
+                                                                {"filename": "shard_000001.tar", "samples": 2}]}))
+    keys, skips = run(str(tmp_path / "data"), split="val_small", train=False, batch=10)
+    assert flat(keys) == ["a", "c"] and skips == {"no_transcript": 1, "no_audio": 1}
