@@ -423,11 +423,13 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     if problem:
         return problem
     audio = wave if target_sr is None else resample(wave, rate, target_sr)
-    marks = dict(converted.marks) or meta.get("marks") or {}  # converted here, or by wdx.pack
+    # converted here, or by wdx.pack (a hand-made json may hold anything under these names: only the right types)
+    marks = dict(converted.marks) or (meta["marks"] if isinstance(meta.get("marks"), dict) else {})
+    raw_text = meta["raw_text"] if isinstance(meta.get("raw_text"), str) and meta["raw_text"] else written.strip()
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
                 channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD)),
                 fluent=converted.fluent_form(clean_target(meta.get(FLUENT_FIELD))), marks=marks,
-                raw_text=(meta.get("raw_text") or written.strip()) if marks else None)
+                raw_text=raw_text if marks else None)
 
 
 FLUENT_FIELD = "fluent_text"  # the transcript without fillers and marked repetitions (wdx.pack --text-convention)

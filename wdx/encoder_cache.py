@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -45,7 +46,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import transformers
 import webdataset as wds
 
 from . import audio, conventions, data, features, text
@@ -75,7 +75,7 @@ CAUSES = {"version": "the cache format of this trainer", "prefix_sha256": "--bas
           "mel": "the log-mel settings of wdx.features", "dtype": "--mixed-precision",
           "target_sr": "--target-sr", "default_domain": "--default-domain", "splits": "--dataset-root",
           "convention": "--text-convention / --dual-transcription", "domains": "--domains",
-          "libraries": "the torch / transformers versions that compute the states"}
+          "libraries": "the versions of the libraries that decode and encode the clips"}
 
 
 class CacheError(ConfigError):
@@ -100,6 +100,14 @@ def code_sha256() -> str:
     parts.append(repr((data.MAX_SECONDS, data.MIN_SECONDS, data.MAX_CHARS_PER_SECOND, data.MIN_RATE, data.MAX_RATE,
                        sorted(data.MEMBER_TYPES))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# what decodes, resamples and encodes a clip: another version may give other states for the same bytes
+LIBRARIES = ("torch", "torchaudio", "transformers", "numpy", "soundfile", "av")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
 def cache_names(split: Split) -> list[str]:
@@ -151,7 +159,7 @@ def fingerprint(cfg: TrainConfig, model, splits: list[Split], dtype: torch.dtype
             "mel": [SAMPLE_RATE, N_FFT, HOP_LENGTH], "dtype": str(dtype).removeprefix("torch."),
             "target_sr": cfg.target_sr, "default_domain": cfg.default_domain, "convention": list(cfg.convention),
             "domains": sorted(trained_domains(c, cfg.domain_names)),  # a set: reordering --domains changes nothing
-            "libraries": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "libraries": library_versions(),
             "splits": {s.name: {"domain": s.domain, "shards": shard_list(s, remote)} for s in splits}}
 
 
