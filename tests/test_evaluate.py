@@ -39,7 +39,15 @@ def test_dataset_evaluation_reports_every_sample_and_both_domains(tiny_final, ti
     assert sorted(s["key"] for s in report["samples"]) == [f"va{i:03d}" for i in range(6)]
     assert report["results"]["normal"]["n"] == 3 and report["results"]["dyslexic"]["n"] == 3
     assert report["domain_prompt"] is True
-    assert "dyslexic" in capsys.readouterr().out
+    # issue 32.6: sWER beside CER and WER, and what the references are
+    assert {"cer", "wer", "swer"} <= set(report["results"]["all"])
+    assert report["references"] == {"text_convention": "plain", "dual_transcription": None}
+    table = capsys.readouterr().out
+    assert "dyslexic" in table and "references as written (--text-convention plain)" in table and "sWER" in table
+    assert evaluate.main([tiny_final, "--dataset", tiny_dataset, "--max-new-tokens", "2", "--json", str(out),
+                          "--text-convention", "kspon", "--dual-transcription", "spelling"]) == 0
+    assert json.loads(out.read_text())["references"] == {"text_convention": "kspon", "dual_transcription": "spelling"}
+    assert "the spelling side of (spelling)/(pronunciation) pairs" in capsys.readouterr().out
 
 
 def test_list_and_dir_inputs_and_compare_domains(tiny_final, tmp_path):

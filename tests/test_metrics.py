@@ -22,12 +22,12 @@ def test_wer_on_words_after_punctuation_removal():
 
 def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
-    assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "n": 1, "sub": 0.0,
+    assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "swer": 0.0, "n": 1, "sub": 0.0,
                                  "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0, "misread_words": 0,
                                  "misread_faithful": None, "misread_repaired": None, "misread_other": None,
                                  "cer_fluent": None}  # None: no fluent form in the data (n/a, never 0)
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
-    assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 7, "(no", "samples)"]
+    assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 8, "(no", "samples)"]
 
 
 def test_nfc_makes_decomposed_jamo_the_same_text():
@@ -45,7 +45,8 @@ def test_cer_anatomy_adds_up_and_runaways_are_counted():
     results = by_domain(rows)
     assert (results["dyslexic"]["runaway"], results["normal"]["runaway"], results["all"]["runaway"]) == (1, 0, 1)
     table = format_table(results)
-    assert table.splitlines()[0].split() == ["domain", "n", "CER", "95%", "CI", "sub", "del", "ins", "WER", "runaway"]
+    assert table.splitlines()[0].split() == ["domain", "n", "CER", "95%", "CI", "sub", "del", "ins", "WER", "sWER",
+                                          "runaway"]
 
 
 def test_bootstrap_interval_holds_the_cer_is_seeded_and_narrows_with_more_utterances():
@@ -101,3 +102,19 @@ def test_fluent_cer_tells_a_recognition_error_from_a_disfluency_left_out():
     rows[0]["hyp"] = "아 모 문 소리야"  # the disfluencies kept, one syllable misheard
     assert fluent_cer(rows) == 1 / 4
     assert "dyslexic 0.2500" in format_table(by_domain(rows))
+
+
+def test_swer_scores_words_not_the_hypothesis_spacing():
+    # issue 32.6: Kspon results are published as CER, WER and space-normalised WER (KsponSpeech paper)
+    from wdx.metrics import space_normalized
+
+    ref = "나는 학교에 간다"
+    glued = error_rates([ref], ["나는학교에 간다"])
+    assert (glued["cer"], glued["wer"], glued["swer"]) == (0.0, 2 / 3, 0.0)
+    misread = error_rates([ref], ["나는 핵교 에 간다"])  # a misread word, spaced apart from its ending
+    assert space_normalized(ref, "나는 핵교 에 간다") == "나는 핵교에 간다"
+    assert (misread["wer"], misread["swer"]) == (2 / 3, 1 / 3)
+    for spacing in ("나 는 핵교 에 간 다", "나는핵교에간다", "나는 핵교에간다"):  # spacing after agreeing characters
+        assert error_rates([ref], [spacing])["swer"] == 1 / 3
+    assert space_normalized(ref, "나는 핵 교에 간다") == "나는 핵 교에 간다"  # after a misread one: its own
+    assert error_rates([ref], [""])["swer"] == 1.0

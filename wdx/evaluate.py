@@ -73,6 +73,15 @@ def read_text(path: Path) -> str:
         raise InputError(f"{path}: {exc.strerror}") from None
 
 
+def describe_references(convention: Convention) -> str:
+    """What the references are, for the table's title: published Kspon figures differ by the side
+    of the (spelling)/(pronunciation) pairs they score against."""
+    if convention.name == "plain":
+        return "as written (--text-convention plain)"
+    return (f"under --text-convention {convention.name}, the {convention.dual} side of (spelling)/(pronunciation) "
+            "pairs")
+
+
 def list_rows(path: Path) -> list:
     """The entries of a JSON array or JSONL file, or an InputError naming the file and line."""
     raw = read_text(path)
@@ -296,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wdx.evaluate: error: {exc}", file=sys.stderr)
         return 1
     results = by_domain(rows, transcriber.domains or DOMAINS)
-    report = {"model": str(args.model), "domain_prompt": transcriber.has_domains, "results": results,
-              "skipped": dict(skipped), "samples": rows}
+    references = {"text_convention": convention.name,
+                  "dual_transcription": convention.dual if convention.name == "kspon" else None}
+    report = {"model": str(args.model), "domain_prompt": transcriber.has_domains, "references": references,
+              "results": results, "skipped": dict(skipped), "samples": rows}
     if skipped:
         print(f"skipped samples (not in the table): {dict(skipped)}")
     print(format_table(results, title=f"{args.model} ({'with' if transcriber.has_domains else 'without'} "
-                                      "domain prompt)"))
+                                      f"domain prompt; references {describe_references(convention)})"))
     if args.compare_domains:
         report["compare_domains"] = prompt_table(rows, transcriber.domains)
         for true, r in report["compare_domains"].items():

@@ -2,7 +2,9 @@
 
 CER follows the Korean convention: computed on text with punctuation and whitespace
 removed (spacing in Korean is inconsistent even among careful writers, and would otherwise
-dominate the error). WER is on words after punctuation removal. Scores are corpus-level
+dominate the error). WER is on words after punctuation removal; sWER (the KsponSpeech
+paper's space-normalised WER) on the same words after the hypothesis took the reference's
+spacing wherever their characters agree: the three figures Korean ASR results publish. Scores are corpus-level
 (total edits / total reference length), not means of per-sample rates.
 
 Beside each CER its anatomy: substitutions, deletions and insertions as fractions of the
@@ -71,25 +73,62 @@ def bootstrap_interval(edits: np.ndarray, lengths: np.ndarray, other: np.ndarray
     return float(lo), float(hi)
 
 
+def space_normalized(ref: str, hyp: str) -> str:
+    """`hyp` with the reference's word spacing wherever the two agree in characters: sWER's
+    hypothesis (KsponSpeech paper). Both are WER-normalised words.
+
+    The characters of both, each with the space that follows it attached, are aligned
+    (spaces dropped); a hypothesis character equal to its reference character takes the
+    reference's space after it, any other keeps its own. Korean spacing is inconsistent even
+    in references, so plain WER partly scores spacing; sWER scores the words.
+    """
+    ref_words, hyp_words = ref.split(), hyp.split()
+    ref_chars, hyp_chars = "".join(ref_words), "".join(hyp_words)
+    if not ref_chars or not hyp_chars:
+        return hyp
+    ref_space, hyp_space = _space_after(ref_words), _space_after(hyp_words)
+    match = {}  # hypothesis character index -> the reference character it equals in the alignment
+    for chunk in jiwer.process_characters(ref_chars, hyp_chars).alignments[0]:
+        if chunk.type == "equal":
+            for k in range(chunk.ref_end_idx - chunk.ref_start_idx):
+                match[chunk.hyp_start_idx + k] = chunk.ref_start_idx + k
+    out = []
+    for j, ch in enumerate(hyp_chars):
+        out.append(ch)
+        if j + 1 == len(hyp_chars):
+            break
+        i = match.get(j)
+        if ref_space[i] if i is not None else hyp_space[j]:
+            out.append(" ")
+    return "".join(out)
+
+
+def _space_after(words: list[str]) -> list[bool]:
+    """For each character of the words joined: whether a space follows it."""
+    return [k == len(w) - 1 for w in words for k in range(len(w))]
+
+
 def runaway(ref: str, hyp: str, capped: bool = False) -> bool:
     """A hypothesis more than twice its reference's length (CER-normalised), or cut off at the token limit."""
     return capped or len(normalize_for_cer(hyp)) > 2 * max(len(normalize_for_cer(ref)), 1)
 
 
 def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = None) -> dict[str, float]:
-    """Corpus CER (with its sub/del/ins parts), WER, runaway count; samples whose reference is
-    empty after normalisation are left out."""
+    """Corpus CER (with its sub/del/ins parts), WER, space-normalised WER (sWER), runaway count;
+    samples whose reference is empty after normalisation are left out."""
     capped = capped or [False] * len(refs)
     pairs = [(normalize_for_cer(r), normalize_for_cer(h), normalize_for_wer(r), normalize_for_wer(h),
               runaway(r, h, c)) for r, h, c in zip(refs, hyps, capped)]
     pairs = [p for p in pairs if p[0]]
     if not pairs:
-        return {"cer": float("nan"), "wer": float("nan"), "n": 0}
+        return {"cer": float("nan"), "wer": float("nan"), "swer": float("nan"), "n": 0}
     chars = jiwer.process_characters([p[0] for p in pairs], [p[1] for p in pairs])
     length = chars.substitutions + chars.deletions + chars.hits
     wer = jiwer.wer([p[2] for p in pairs], [p[3] or "" for p in pairs])
+    swer = jiwer.wer([p[2] for p in pairs], [space_normalized(p[2], p[3]) or "" for p in pairs])
     lo, hi = bootstrap_interval(_edits(chars), np.asarray([len(p[0]) for p in pairs], dtype=np.float64))
-    return {"cer": float(chars.cer), "cer_lo": lo, "cer_hi": hi, "wer": float(wer), "n": len(pairs),
+    return {"cer": float(chars.cer), "cer_lo": lo, "cer_hi": hi, "wer": float(wer), "swer": float(swer),
+            "n": len(pairs),
             "sub": chars.substitutions / length, "del": chars.deletions / length, "ins": chars.insertions / length,
             "runaway": sum(p[4] for p in pairs)}
 
@@ -230,15 +269,16 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
     runaway hypotheses."""
     lines = [title] if title else []
     lines.append(f"{'domain':<10} {'n':>6} {'CER':>8} {'95% CI':>15} {'sub':>7} {'del':>7} {'ins':>7} {'WER':>8} "
-                 f"{'runaway':>8}")
+                 f"{'sWER':>8} {'runaway':>8}")
     for name, r in results.items():
         if r["n"] == 0:
-            lines.append(f"{name:<10} {0:>6} {'-':>8} {'-':>15} {'-':>7} {'-':>7} {'-':>7} {'-':>8} {'-':>8}"
+            lines.append(f"{name:<10} {0:>6} {'-':>8} {'-':>15} {'-':>7} {'-':>7} {'-':>7} {'-':>8} {'-':>8} {'-':>8}"
                          "   (no samples)")
         else:
             ci = f"{r['cer_lo']:.4f}-{r['cer_hi']:.4f}"
+            swer = f"{r['swer']:>8.4f}" if "swer" in r else f"{'-':>8}"  # results saved before sWER existed
             lines.append(f"{name:<10} {r['n']:>6} {r['cer']:>8.4f} {ci:>15} {r['sub']:>7.4f} {r['del']:>7.4f} "
-                         f"{r['ins']:>7.4f} {r['wer']:>8.4f} {r['runaway']:>8}")
+                         f"{r['ins']:>7.4f} {r['wer']:>8.4f} {swer} {r['runaway']:>8}")
     if any(r.get("cer_fluent") is not None for r in results.values()):
         lines.append("CER without fillers and marked repetitions (in reference and hypothesis): " + "  ".join(
             f"{name} {r['cer_fluent']:.4f}" if r.get("cer_fluent") is not None else f"{name} n/a"
