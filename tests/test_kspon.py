@@ -3,6 +3,7 @@ audio): packed, inspected, trained a step and evaluated, with the expected trans
 
 import csv
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -78,16 +79,23 @@ def test_packing_converts_the_markup_keeps_what_was_written_and_stores_pcm_as_wa
 
 def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(corpus, tmp_path, capsys):
     manifest = str(corpus / "manifest.csv")
+    # a systematic problem stops the pack at its first rows (more than --max-skip-fraction), naming it
     assert pack.main([manifest, str(tmp_path / "a"), "--text-convention", "kspon", "--pcm-rate", "16000"]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after tqdm's progress lines
-        f"wdx.pack: error: {manifest}:2: {corpus / 'KsponSpeech_000000.txt'}: not utf-8 (Korean corpora are often "
-        "CP949: --text-encoding cp949)")
+    assert re.fullmatch(  # after tqdm's progress lines
+        re.escape("wdx.pack: error: 1 of 6 rows cannot be packed, more than --max-skip-fraction 0.01 (bad_encoding 1); "
+                  f"the first: {manifest}:") + r"\d: " + re.escape(str(corpus)) + r"/KsponSpeech_\d{6}\.txt: "
+        + re.escape("not utf-8 (Korean corpora are often CP949: --text-encoding cp949)"),
+        capsys.readouterr().err.strip().splitlines()[-1])
     assert pack.main([manifest, str(tmp_path / "b"), "--text-convention", "kspon", "--text-encoding", "cp949"]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"wdx.pack: error: {manifest}:2: KsponSpeech_000000.pcm: headerless .pcm: state its sample rate with "
-        "--pcm-rate (KsponSpeech: 16000)")
+    assert re.search(r"\(pcm_without_rate 1\); the first: .*KsponSpeech_\d{6}\.pcm: headerless \.pcm: state its "
+                     r"sample rate with --pcm-rate \(KsponSpeech: 16000\)$", capsys.readouterr().err)
     assert pack.main([manifest, str(tmp_path / "c"), "--text-encoding", "cp949", "--pcm-rate", "16000"]) == 0  # plain
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written before the refusal
+    assert not (tmp_path / "a").exists()  # stopped at its first row: nothing written
+    # b stopped at its first pcm row: what was packed before it is a complete split, its rows listed as skipped
+    from wdx.shards import load_split
+
+    assert load_split(str(tmp_path / "b"), "train").total == 2  # the wav rows shuffled before the first pcm row
+    assert (tmp_path / "b" / "manifest.skipped.tsv").read_text().splitlines()[1].split("\t")[1] == "pcm_without_rate"
 
 
 def test_inspect_counts_each_mark_and_shows_written_against_trained(packed, capsys):
@@ -132,3 +140,41 @@ def test_a_kspon_corpus_trains_a_step_and_evaluates_verbatim_and_fluent(packed, 
     assert report["results"]["dyslexic"]["cer_fluent"] is not None and report["results"]["normal"]["cer_fluent"] is None
     assert "CER without fillers and marked repetitions" in capsys.readouterr().out
     np.testing.assert_allclose(report["results"]["all"]["n"], 2)
+
+
+def test_kspon_scripts_pack_as_shipped_one_command_per_script_bad_rows_counted(tmp_path, caplog):
+    # issue 32.1/32.2: KsponSpeech_scripts/*.trn (`path :: text`, paths under the corpus root, headerless 16 kHz pcm)
+    root = tmp_path / "KsponSpeech"
+    lines = {"train": [], "eval_clean": []}
+    for i in range(12):
+        split = "train" if i < 9 else "eval_clean"
+        rel = (f"KsponSpeech_01/KsponSpeech_0001/KsponSpeech_{i + 1:06d}.pcm" if split == "train"
+               else f"KsponSpeech_eval/eval_clean/KsponSpeech_E{i - 8:05d}.pcm")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((speechlike(1.5, 16000, seed=i) * 32767).astype("<i2").tobytes())
+        lines[split].append(f"{rel} :: 음/ 오늘은 b/ (3kg)/(삼 킬로그램) 샀어요 {i}")
+    (root / lines["train"][1].split(" :: ")[0]).unlink()  # missing audio
+    (root / lines["train"][2].split(" :: ")[0]).write_bytes(b"\x00\x01\x02")  # odd-length pcm
+    lines["train"][3] = lines["train"][3].split(" :: ")[0] + " :: b/ n/"  # nothing said after conversion
+    lines["train"].append("not a trn line")
+    scripts = root / "KsponSpeech_scripts"
+    scripts.mkdir()
+    for split, rows in lines.items():
+        (scripts / f"{split}.trn").write_text("".join(f"{row}\n" for row in rows), encoding="utf-8")
+    out = tmp_path / "data"
+    argv = ["--audio-root", str(root), "--domain", "normal", "--max-skip-fraction", "0.5"]
+    assert pack.main([str(scripts / "train.trn"), str(out), *argv]) == 0
+    assert pack.main([str(scripts / "eval_clean.trn"), str(out), *argv]) == 0
+    from wdx.shards import load_split
+
+    assert (load_split(str(out), "train").total, load_split(str(out), "eval_clean").total) == (6, 3)
+    listed = [line.split("\t")[:2] for line in (out / "train.skipped.tsv").read_text().splitlines()[1:]]
+    trn = str(scripts / "train.trn")
+    assert listed == [[f"{trn}:2", "missing_audio"], [f"{trn}:3", "corrupt_audio"], [f"{trn}:4", "empty_transcript"],
+                      [f"{trn}:10", "bad_line"]]
+    assert not (out / "eval_clean.skipped.tsv").exists()
+    sample = next(iter(members(out / "eval_clean").values()))
+    meta = json.loads(sample["json"])
+    assert set(sample) == {"wav", "txt", "json"} and meta["text_convention"] == "kspon" and meta["domain"] == "normal"
+    assert sample["txt"].decode().startswith("음 오늘은 삼 킬로그램 샀어요")
+    assert "skipped 4 of 10 rows: bad_line 1, corrupt_audio 1, empty_transcript 1, missing_audio 1" in caplog.text

@@ -7,6 +7,7 @@ import sys
 
 from tests.conftest import speechlike
 from wdx.audio import encode_audio
+from wdx.shards import load_split
 
 FORMATS = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("ogg", 8000, 1), ("m4a", 48000, 1)]
 
@@ -71,17 +72,29 @@ def test_inspect_reports_count_mismatch_and_skips(tmp_path):
     assert "COUNT MISMATCH    shard_000000.tar: metadata says 7, tar holds 5" in r.stdout
 
 
-def test_pack_rejects_bad_rows_with_the_line_number_and_writes_nothing(tmp_path):
-    rows = audio_rows(tmp_path, n_per_format=1)
-    rows[3]["domain"] = "kids"
+def test_pack_skips_bad_rows_counted_and_listed_and_stops_above_the_skip_fraction(tmp_path):
+    # issue 32.2: one bad row of 620,000 aborted the whole pack
+    rows = audio_rows(tmp_path, n_per_format=2)
+    rows[3]["domain"], rows[1]["audio_path"] = "kids", "missing.wav"
+    (tmp_path / "odd.pcm").write_bytes(b"\x01\x02\x03")
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF not really audio")
+    rows[5]["audio_path"], rows[6]["audio_path"] = "odd.pcm", "garbage.wav"
+    rows[7]["text"] = "  "
+    manifest = write_manifest(tmp_path, rows)
+    r = cli("wdx.pack", str(manifest), str(tmp_path / "strict"), "--pcm-rate", "16000")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(f"wdx.pack: error: 1 of {len(rows)} rows cannot be packed, "
+                                                        "more than --max-skip-fraction 0.01 (")
     out = tmp_path / "ds"
-    r = cli("wdx.pack", str(write_manifest(tmp_path, rows)), str(out))
-    assert r.returncode == 1 and not out.exists()
-    assert r.stderr.strip().splitlines()[-1] == f"wdx.pack: error: {tmp_path}/manifest.csv:5: unknown domain 'kids' " \
-                                                "(expected normal, dyslexic; --domains names others)"
-    rows[3]["domain"], rows[1]["audio_path"] = "normal", "missing.wav"
-    r = cli("wdx.pack", str(write_manifest(tmp_path, rows)), str(out))
-    assert r.returncode == 1 and "manifest.csv:3:" in r.stderr and "No such file" in r.stderr
+    r = cli("wdx.pack", str(manifest), str(out), "--pcm-rate", "16000", "--max-skip-fraction", "0.5")
+    assert r.returncode == 0, r.stderr
+    listed = [line.split("\t") for line in (out / "manifest.skipped.tsv").read_text().splitlines()[1:]]
+    assert [(where.rsplit(":", 1)[1], reason) for where, reason, _ in listed] == [
+        ("3", "missing_audio"), ("5", "unknown_domain"), ("7", "corrupt_audio"), ("8", "corrupt_audio"),
+        ("9", "missing_fields")]
+    assert "skipped 5 of 10 rows: corrupt_audio 2, missing_audio 1, missing_fields 1, unknown_domain 1" in r.stderr
+    assert sum(load_split(str(out), split).total for split in ("train", "val_small")
+               if (out / split).exists()) == len(rows) - 5
 
 
 def test_inspect_fails_in_one_line_on_a_missing_split(tmp_path):

@@ -1,11 +1,23 @@
 """Build a dataset in the documented format from a manifest of audio files.
 
     python -m wdx.pack MANIFEST OUT_ROOT [--max-samples-per-shard N] [--max-shard-mb M]
+    python -m wdx.pack KsponSpeech_scripts/train.trn OUT_ROOT --audio-root KSPON_DIR --domain normal
 
 MANIFEST is CSV (with a header) or JSONL with the fields `audio_path`, `text`, `domain`,
-`split` (train / val_small / ...); any other field (e.g. `speaker`) goes into the sample's
-json member. Audio bytes are stored as they are (no re-encoding). Relative audio paths are
-taken relative to the manifest's directory. Rows are shuffled within each split (seeded) before
+`split` (train / val_small / ...; `--domain` / `--split` fill in rows without them); any
+other field (e.g. `speaker`) goes into the sample's json member. Or a KsponSpeech `.trn`
+script (UTF-8 lines `path :: text`): it implies `--text-convention kspon`, `--pcm-rate
+16000` and `--split` its own name (train.trn: train). Audio bytes are stored as they are (no
+re-encoding). Relative audio paths are taken relative to `--audio-root` (default: the
+manifest's directory).
+
+A row that cannot be packed (a missing, empty or undecodable audio file, an odd-length
+pcm, a transcript that is empty after conversion or still marked up, an undecodable
+transcript file, an unknown domain, a missing field) is skipped, counted by reason and
+listed with its line in OUT_ROOT/<manifest name>.skipped.tsv; the summary names the counts.
+Above --max-skip-fraction of the manifest's rows the command stops with one line naming the
+first problem: a systematic one (a missing flag, the wrong encoding) stops it early, and
+the shards written so far are a complete, valid split. Rows are shuffled within each split (seeded) before
 they are cut into shards: a manifest sorted by domain or speaker would otherwise give shards of
 one domain, and a batch mixes only the few shards a loader worker has open (--keep-order keeps
 the manifest's order).
@@ -22,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import logging
 import os
 import random
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -36,7 +50,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from . import conventions
-from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, pcm_to_wav
+from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, decode_audio, pcm_to_wav
 from .conventions import PLAIN, Convention, convert
 from .domains import DOMAINS, domains_flag
 from .shards import METADATA
@@ -46,7 +60,18 @@ REQUIRED = ("audio_path", "domain", "split")  # and `text`, or `text_path`
 
 
 class ManifestError(ValueError):
-    """A manifest row that cannot be packed (names the file and line)."""
+    """The manifest or the output cannot be used (names the file, and the line)."""
+
+
+class RowError(ManifestError):
+    """One row that cannot be packed: skipped and counted under `reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+TRN_SEPARATOR = " :: "  # KsponSpeech_scripts/*.trn: `KsponSpeech_01/KsponSpeech_0001/KsponSpeech_000001.pcm :: text`
 
 
 def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: int = 1000,
@@ -82,15 +107,22 @@ def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: in
 
 
 def read_manifest(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for a CSV or JSONL manifest."""
-    with open(path, encoding="utf-8") as f:
-        if path.suffix.lower() in (".jsonl", ".json"):
+    """(line number, row) for a CSV, JSONL or KsponSpeech .trn manifest (a BOM is dropped)."""
+    with open(path, encoding="utf-8-sig") as f:
+        if path.suffix.lower() == ".trn":
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    audio, sep, text = line.rstrip("\r\n").partition(TRN_SEPARATOR)
+                    yield n, ({"audio_path": audio.strip(), "text": text.strip()} if sep else
+                              {"__bad__": f"not 'path{TRN_SEPARATOR}text': {line.strip()[:80]!r}"})
+        elif path.suffix.lower() in (".jsonl", ".json"):
             for n, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        yield n, json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ManifestError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+                        row = {"__bad__": f"not valid JSON ({exc.msg})"}
+                    yield n, row if isinstance(row, dict) else {"__bad__": f"a {type(row).__name__}, not an object"}
         else:
             for n, row in enumerate(csv.DictReader(f), start=2):
                 yield n, row
@@ -103,6 +135,8 @@ class Reading(NamedTuple):
     text_encoding: str = "utf-8"
     pcm_rate: int | None = None
     domains: tuple[str, ...] = DOMAINS
+    domain: str | None = None  # for rows without one (--domain)
+    split: str | None = None  # for rows without one (--split)
 
 
 AS_WRITTEN = Reading()
@@ -113,47 +147,55 @@ def transcript(row: dict, where: str, base: Path, encoding: str) -> str:
     if str(row.get("text") or "").strip():
         return str(row["text"])
     if not str(row.get("text_path") or "").strip():
-        raise ManifestError(f"{where}: missing text (or text_path)")
+        raise RowError("missing_fields", f"{where}: missing text (or text_path)")
     path = base / row["text_path"]
     try:
         return path.read_bytes().decode(encoding)
     except OSError as exc:
-        raise ManifestError(f"{where}: {path}: {exc.strerror}") from None
+        raise RowError("missing_transcript", f"{where}: {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         hint = " (Korean corpora are often CP949: --text-encoding cp949)" if encoding.replace("-", "") == "utf8" else ""
-        raise ManifestError(f"{where}: {path}: not {encoding}{hint}") from None
+        raise RowError("bad_encoding", f"{where}: {path}: not {encoding}{hint}") from None
 
 
 def to_sample(row: dict, where: str, base: Path, index: int, reading: Reading = AS_WRITTEN) -> tuple[str, dict]:
-    """One manifest row -> (split, tar members)."""
+    """One manifest row -> (split, tar members); a RowError says why it cannot be packed.
+    The audio file is read once, and decoded to check it (what the data layer would skip)."""
+    if "__bad__" in row:
+        raise RowError("bad_line", f"{where}: {row['__bad__']}")
+    row = {**row, "domain": row.get("domain") or reading.domain, "split": row.get("split") or reading.split}
     missing = [k for k in REQUIRED if not str(row.get(k) or "").strip()]
     if missing:
-        raise ManifestError(f"{where}: missing {', '.join(missing)}")
+        raise RowError("missing_fields", f"{where}: missing {', '.join(missing)}")
     audio = base / row["audio_path"]
     ext = audio.suffix.lower().lstrip(".")
     if ext not in (*AUDIO_EXTENSIONS, PCM):
-        raise ManifestError(f"{where}: {audio.name}: unsupported format .{ext} "
-                            f"(expected {', '.join(AUDIO_EXTENSIONS)}, or pcm with --pcm-rate)")
+        raise RowError("unsupported_audio", f"{where}: {audio.name}: unsupported format .{ext} "
+                       f"(expected {', '.join(AUDIO_EXTENSIONS)}, or pcm with --pcm-rate)")
     if ext == PCM and not reading.pcm_rate:
-        raise ManifestError(f"{where}: {audio.name}: headerless .pcm: state its sample rate with --pcm-rate "
-                            "(KsponSpeech: 16000)")
+        raise RowError("pcm_without_rate", f"{where}: {audio.name}: headerless .pcm: state its sample rate with "
+                       "--pcm-rate (KsponSpeech: 16000)")
     if row["domain"] not in reading.domains:
-        raise ManifestError(f"{where}: unknown domain {row['domain']!r} (expected {', '.join(reading.domains)}; "
-                            "--domains names others)")
+        raise RowError("unknown_domain", f"{where}: unknown domain {row['domain']!r} (expected "
+                       f"{', '.join(reading.domains)}; --domains names others)")
     written = transcript(row, where, base, reading.text_encoding)
     converted = convert(written, reading.convention)
     if converted.problem or not converted.text:
         state = "empty" if not converted.text else f"still marked up ({converted.problem})"
-        raise ManifestError(f"{where}: transcript {written.strip()[:80]!r} is {state} under --text-convention "
-                            f"{reading.convention.name}; fix the row or the convention")
+        raise RowError("empty_transcript" if not converted.text else converted.problem,
+                       f"{where}: transcript {written.strip()[:80]!r} is {state} under --text-convention "
+                       f"{reading.convention.name}")
     try:
         data = audio.read_bytes()
         if ext == PCM:
             data, ext = pcm_to_wav(data, reading.pcm_rate), "wav"
+        frames, _ = decode_audio(data, ext)
     except OSError as exc:
-        raise ManifestError(f"{where}: {audio}: {exc.strerror}") from None
+        raise RowError("missing_audio", f"{where}: {audio}: {exc.strerror}") from None
     except AudioDecodeError as exc:
-        raise ManifestError(f"{where}: {audio}: {exc}") from None
+        raise RowError("corrupt_audio", f"{where}: {audio}: {exc}") from None
+    if frames.shape[1] == 0:
+        raise RowError("empty_audio", f"{where}: {audio}: no audio samples")
     extra = {k: v for k, v in row.items()
              if k not in ("audio_path", "text", "text_path", "split") and v not in (None, "")}
     if reading.convention != PLAIN:
@@ -167,57 +209,149 @@ def to_sample(row: dict, where: str, base: Path, index: int, reading: Reading = 
     return row["split"], members
 
 
+class Skipped:
+    """Rows that could not be packed: counted by reason, listed with their line, and the
+    verdict on the share (--max-skip-fraction) of the manifest's `total` rows."""
+
+    def __init__(self, total: int, max_fraction: float) -> None:
+        self.total, self.max_fraction = total, max_fraction
+        self.counts: Counter = Counter()
+        self.rows: list[tuple[str, str, str]] = []  # (where, reason, message)
+
+    def add(self, where: str, error: RowError) -> None:
+        self.counts[error.reason] += 1
+        self.rows.append((where, error.reason, str(error)))
+        if len(self.rows) <= SKIP_LOG_LIMIT:
+            log.warning("skipped %s", error)
+
+    @property
+    def too_many(self) -> bool:
+        return len(self.rows) > self.max_fraction * self.total
+
+    def refusal(self) -> ManifestError:
+        first = min(self.rows, key=lambda r: int(r[0].rsplit(":", 1)[1]))  # by line (rows are packed shuffled)
+        return ManifestError(f"{len(self.rows)} of {self.total} rows cannot be packed, more than --max-skip-fraction "
+                             f"{self.max_fraction:g} ({self.summary()}); the first: {first[2]}")
+
+    def summary(self) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items(), key=lambda c: (-c[1], c[0])))
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("line\treason\twhat\n")
+            f.writelines(f"{where}\t{reason}\t{' '.join(message.split())}\n" for where, reason, message in
+                         sorted(self.rows, key=lambda r: int(r[0].rsplit(":", 1)[1])))
+
+
+SKIP_LOG_LIMIT = 20
+
+
+def skipped_list(manifest: Path, out: Path) -> Path:
+    """Where the rows that could not be packed are listed: beside the splits."""
+    return out / f"{manifest.stem}.skipped.tsv"
+
+
 def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | None = 0,
-         reading: Reading = AS_WRITTEN) -> dict[str, list[dict]]:
-    """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order);
-    validates the whole manifest before writing."""
+         reading: Reading = AS_WRITTEN, base: Path | None = None,
+         max_skip_fraction: float = 0.01) -> tuple[dict[str, list[dict]], Skipped]:
+    """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order),
+    each audio file read once; rows that cannot be packed are skipped (see the module docstring).
+    Returns (each split's shard list, the skipped rows)."""
+    base = manifest.parent if base is None else base
+    rows = list(read_manifest(manifest))
+    skipped = Skipped(len(rows), max_skip_fraction)
     by_split: dict[str, list[tuple[str, dict]]] = {}
-    base = manifest.parent
-    for i, (n, row) in enumerate(tqdm(list(read_manifest(manifest)), desc="reading manifest", unit="row")):
-        split, _ = to_sample(row, f"{manifest}:{n}", base, i, reading)  # validate all first: fail before writing
+    for n, row in rows:
+        split = str(row.get("split") or reading.split or "").strip() if "__bad__" not in row else ""
         by_split.setdefault(split, []).append((f"{manifest}:{n}", row))
-    written = {}
-    for split, rows in by_split.items():
-        if (out / split / METADATA).exists():
+    for split in by_split:
+        if split and (out / split / METADATA).exists():
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
+    written = {}
+    for where, row in by_split.pop("", []):  # no split to put them in: say why
+        list(packable([(where, row)], base, reading, skipped))
+    for split, split_rows in by_split.items():
+        if skipped.too_many:
+            break
         if seed is not None:
-            random.Random(f"{seed}-{split}").shuffle(rows)
-        samples = (to_sample(row, where, base, i, reading)[1] for i, (where, row) in enumerate(rows))
-        written[split] = write_split(out / split, tqdm(samples, total=len(rows), desc=f"packing {split}",
-                                                       unit="sample"), max_count=max_count, max_bytes=max_bytes)
-    return written
+            random.Random(f"{seed}-{split}").shuffle(split_rows)
+        samples = packable(split_rows, base, reading, skipped)
+        first = next(samples, None)
+        if first is None:
+            continue  # nothing of this split could be packed: no empty split on disk
+        # the stream ends early when there are too many skips: the split written so far is complete
+        written[split] = write_split(out / split, tqdm(itertools.chain([first], samples), total=len(split_rows),
+                                                       desc=f"packing {split}", unit="sample"),
+                                     max_count=max_count, max_bytes=max_bytes)
+    if skipped.rows and written:
+        skipped.write(skipped_list(manifest, out))
+    if skipped.too_many:
+        raise skipped.refusal()
+    return written, skipped
+
+
+def packable(rows: list[tuple[str, dict]], base: Path, reading: Reading, skipped: Skipped) -> Iterator[dict]:
+    """The tar members of every row that can be packed, until `skipped` holds too many; the
+    others go to `skipped`."""
+    for i, (where, row) in enumerate(rows):
+        try:
+            yield to_sample(row, where, base, i, reading)[1]
+        except RowError as exc:
+            skipped.add(where, exc)
+            if skipped.too_many:
+                return
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("manifest", type=Path, help="CSV or JSONL: audio_path, text (or text_path), domain, split")
+    parser.add_argument("manifest", type=Path, help="CSV or JSONL (audio_path, text or text_path, domain, split), "
+                        "or a KsponSpeech .trn script")
     parser.add_argument("out", type=Path, help="dataset root to create (ROOT/<split>/shard_*.tar)")
+    parser.add_argument("--audio-root", type=Path, help="what relative audio and transcript paths are relative to "
+                        "(default: the manifest's directory; KsponSpeech: the folder holding KsponSpeech_01 ...)")
+    parser.add_argument("--domain", help="domain of rows without one (a .trn has none)")
+    parser.add_argument("--split", help="split of rows without one (default for a .trn: its name, train.trn: train)")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01, help="stop when more than this share of "
+                        "the rows cannot be packed (each is listed in OUT/<manifest>.skipped.tsv)")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
     parser.add_argument("--max-shard-mb", type=float, default=1024, help="close a shard at this much audio+text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle of each split's rows")
     parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
                         "only for manifests already shuffled, or evaluation sets read in order")
-    conventions.add_flags(parser, "converted at packing time (see wdx/conventions.py)")
+    conventions.add_flags(parser, "converted at packing time (see wdx/conventions.py); a .trn implies kspon")
+    parser.set_defaults(text_convention=None)  # resolved below: a .trn implies kspon
     parser.add_argument("--text-encoding", default="utf-8", help="encoding of text_path files (cp949 / euc-kr for "
                         "KsponSpeech); never guessed")
     parser.add_argument("--domains", type=domains_flag, default=DOMAINS, help="the domains rows may name, "
                         "comma-separated (as train_loop.py --domains)")
-    parser.add_argument("--pcm-rate", type=int, help="sample rate of headerless 16-bit .pcm audio (KsponSpeech: 16000)")
+    parser.add_argument("--pcm-rate", type=int, help="sample rate of headerless 16-bit .pcm audio (KsponSpeech: 16000; "
+                        "a .trn implies it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         "".encode(args.text_encoding)
     except LookupError:
         parser.error(f"--text-encoding {args.text_encoding}: unknown encoding")
-    reading = Reading(conventions.from_args(args), args.text_encoding, args.pcm_rate, args.domains)
+    if not 0 <= args.max_skip_fraction <= 1:
+        parser.error(f"--max-skip-fraction {args.max_skip_fraction}: between 0 and 1")
+    trn = args.manifest.suffix.lower() == ".trn"
+    args.text_convention = args.text_convention or ("kspon" if trn else PLAIN.name)
+    split = args.split or (args.manifest.stem if trn else None)
+    reading = Reading(conventions.from_args(args), args.text_encoding, args.pcm_rate or (16000 if trn else None),
+                      args.domains, args.domain, split)
     try:
-        written = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
-                       None if args.keep_order else args.seed, reading)
+        written, skipped = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
+                                None if args.keep_order else args.seed, reading, args.audio_root,
+                                args.max_skip_fraction)
     except (ManifestError, OSError) as exc:
         print(f"wdx.pack: error: {exc}", file=sys.stderr)
         return 1
-    for split, shards in written.items():
-        log.info("%s: %d samples in %d shards", args.out / split, sum(s["samples"] for s in shards), len(shards))
+    for name, shards in written.items():
+        log.info("%s: %d samples in %d shards", args.out / name, sum(s["samples"] for s in shards), len(shards))
+    if skipped.rows:
+        log.info("skipped %d of %d rows: %s (listed in %s)", len(skipped.rows), skipped.total, skipped.summary(),
+                 skipped_list(args.manifest, args.out))
     return 0
 
 
