@@ -42,3 +42,23 @@ def test_plain_keeps_the_text_as_written_and_unknown_conventions_are_refused():
     assert convert(" 아/  모+ ").text == "아/ 모+"
     with pytest.raises(ValueError, match="unknown text convention 'zeroth' \\(expected plain, kspon\\)"):
         convert("x", Convention("zeroth"))
+
+
+@pytest.mark.parametrize("raw, text, marks", [
+    # issue 32.4: main refused the first as markup_left and trained the next three as words ("그래서b", "b 그래서", ...)
+    ("b/그래서 갔어요", "그래서 갔어요", {"breath": 1}),
+    ("그래서b/ 갔어요", "그래서 갔어요", {"breath": 1}),
+    ("\ufeffb/ 그래서 갔어요", "그래서 갔어요", {"breath": 1}),
+    ("N/ 그래서 L/ 갔어요", "그래서 갔어요", {"noise": 1, "laughter": 1}),
+    ("(70%)/(칠십 퍼센트)n/ 확률", "칠십 퍼센트 확률", {"dual": 1, "noise": 1}),
+    ("um/ 그래서", "um 그래서", {"filler": 1}),  # a filler written in Latin letters is not a tag
+])
+def test_tags_as_transcribers_write_them(raw, text, marks):
+    out = convert(raw, KSPON)
+    assert (out.text, dict(out.marks), out.problem) == (text, marks, None)
+
+
+@pytest.mark.parametrize("raw", ["&name& 씨가 왔어요", "{laughing} 그래서", "[noise] 그래서", "그래서 <unk>",
+                                 "@ 그래서", "# 그래서"])
+def test_marks_outside_the_rules_are_never_trained_as_text(raw):
+    assert convert(raw, KSPON).problem == "markup_left"  # main: trained verbatim

@@ -13,6 +13,12 @@
 | `X+` | `모+ 몬` | X repeated or broken off | X, kept (dropped from the fluent reference) |
 | `*` | `*저기` | a word heard unclearly | the word, the mark removed; counted `unclear` |
 
+Tags are read as transcribers write them, not only as the rules do: glued to a word
+(`b/그래서`, `그래서n/`: a single-letter tag after a Hangul or digit), upper-case (`N/`), after
+a byte-order mark. Any other mark AI Hub sets use (`&name&` masking, `{laughing}`, `[noise]`,
+`<unk>`, `@`, `#`) is no part of these rules: a transcript holding one is `markup_left`,
+counted and never trained as text.
+
 Fillers, repetitions, fragments and self-corrections are what dyslexic reading is studied
 for: they stay in the training text by default. The fluent form (fillers and marked
 repetitions left out) is what a second CER compares with, so that a recognition error can be
@@ -37,7 +43,10 @@ NOISE_TAGS = {"b": "breath", "l": "laughter", "o": "other_voice", "n": "noise", 
 
 _FULL_WIDTH = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 _DUAL = re.compile(r"\(([^()]*)\)\s*/\s*\(([^()]*)\)")
-_MARKUP = re.compile(r"[()/+*]")
+_MARKUP = re.compile(r"[()/+*&{}\[\]<>@#]")
+# a noise tag glued to the word before or after it: `그래서b/`, `b/그래서` (never `um/`, a filler)
+_GLUED_AFTER = re.compile(r"(?<=[^\sA-Za-z/])([bloun])/(?=\s|$)", re.IGNORECASE)
+_GLUED_BEFORE = re.compile(r"(?:(?<=\s)|^)([bloun])/(?=[^\s/])", re.IGNORECASE)
 
 
 class Convention(NamedTuple):
@@ -90,7 +99,8 @@ def convert(raw: str, convention: Convention = PLAIN) -> Converted:
     if convention.dual not in DUAL_SIDES:
         raise ValueError(f"unknown dual transcription side {convention.dual!r} (expected {', '.join(DUAL_SIDES)})")
     marks: Counter = Counter()
-    text = raw.translate(_FULL_WIDTH)
+    text = normalize_text(raw.translate(_FULL_WIDTH))  # NFC, no BOM or other format characters
+    text = _GLUED_BEFORE.sub(lambda m: f"{m.group(1)}/ ", _GLUED_AFTER.sub(lambda m: f" {m.group(1)}/", text))
     side = 1 if convention.dual == "spelling" else 2
 
     def pick(match: re.Match) -> str:
@@ -100,7 +110,7 @@ def convert(raw: str, convention: Convention = PLAIN) -> Converted:
     text = _DUAL.sub(pick, text)
     verbatim, fluent = [], []
     for word in text.split():
-        tag = word[:-1] if word.endswith("/") and word[:-1] in NOISE_TAGS else None
+        tag = word[:-1].lower() if word.endswith("/") and word[:-1].lower() in NOISE_TAGS else None
         if tag:
             marks[NOISE_TAGS[tag]] += 1
             continue
