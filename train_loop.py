@@ -44,7 +44,8 @@ from wdx.accel import (
 )
 from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
 from wdx.config import ConfigError, TrainConfig, parse_args
-from wdx.data import Position, ShardedSamples, check_domain_skips, make_loader
+from wdx.conventions import PLAIN, kspon_warning, looks_kspon
+from wdx.data import Position, ShardedSamples, check_domain_skips, first_transcripts, make_loader
 from wdx.debug import debug_step
 from wdx.domains import trained_domains
 from wdx.evaluation import evaluate, examples, model_input, token_loss_sum
@@ -52,11 +53,12 @@ from wdx.export import check_hub_credentials, push, write_final
 from wdx.metrics import format_table
 from wdx.model import ModelLoadError, Whisper, cast_frozen, count_trainable, frozen_sha256, setup
 from wdx.plan import plan_table, processes
-from wdx.shards import DatasetError, Split, load_split
+from wdx.shards import DatasetError, Split, load_split, split_convention
 from wdx.tracking import MetricsLog, drop_after, flatten_eval, setup_logging
 
 log = logging.getLogger("train_loop")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+KSPON_LOOK_SAMPLES = 200  # transcripts read at start-up to warn of Kspon markup read as plain text
 COMPUTE_DTYPE = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by --mixed-precision
 
 
@@ -75,7 +77,8 @@ def build_data(cfg: TrainConfig, accelerator: Accelerator, whisper: Whisper, spl
                   domains=domains,
                   shuffle_block=cfg.shuffle_block, open_shards=cfg.open_shards, collate=collate, encode_text=encode,
                   read_sample=read_sample)
-    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, domains)
+    train_split, eval_split = splits or [load_split(cfg.dataset_root, name, cfg.samples_per_shard, domains,
+                                                                     cfg.convention)
                                          for name in (cfg.train_split, cfg.eval_split)]
     train = ShardedSamples(train_split, train=True, batch_size=cfg.per_device_train_batch_size,
                            augment=None if read_sample else augment.build(cfg, whisper.model.config), **common)
@@ -115,6 +118,24 @@ def prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> str:
     config_json = cfg.to_json()
     log.info("config:\n%s", config_json)
     return config_json
+
+
+def resolve_convention(cfg: TrainConfig) -> None:
+    """Without --text-convention, read the transcripts as the train split's metadata.json says
+    wdx.pack converted them (else plain), before the run records its config anywhere; a flag
+    that contradicts a split is refused when it is loaded (wdx.shards.check_convention)."""
+    if cfg.text_convention is None:
+        recorded = split_convention(cfg.dataset_root, cfg.train_split)
+        cfg.text_convention, cfg.dual_transcription = recorded or (PLAIN.name, cfg.dual_transcription)
+        if recorded:
+            log.info("text convention %s, %s side (as %s/%s/metadata.json records)", recorded.name, recorded.dual,
+                     cfg.dataset_root, cfg.train_split)
+    if cfg.text_convention == PLAIN.name:  # a look at the first transcripts: Kspon markup trained as words?
+        texts = first_transcripts(load_split(cfg.dataset_root, cfg.train_split, cfg.samples_per_shard, None),
+                                  KSPON_LOOK_SAMPLES)
+        marked = sum(map(looks_kspon, texts))
+        if marked:
+            log.warning(kspon_warning(marked, len(texts), f"{cfg.dataset_root}/{cfg.train_split}"))
 
 
 def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Whisper, dict]:
@@ -495,6 +516,7 @@ def train(cfg: TrainConfig) -> int:
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     set_seed(cfg.seed)
+    resolve_convention(cfg)
     config_json = prepare_run_dir(cfg, accelerator)
     whisper, groups = build_model(cfg, accelerator)
     train_ds, train_loader, eval_ds, eval_loader = build_data(cfg, accelerator, whisper)

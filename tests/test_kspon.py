@@ -77,7 +77,8 @@ def test_packing_converts_the_markup_keeps_what_was_written_and_stores_pcm_as_wa
     assert seen == {written.strip(): v for written, v in expected.items()}
 
 
-def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(corpus, tmp_path, capsys):
+def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(corpus, tmp_path, capsys, caplog,
+                                                                             tiny_model):
     manifest = str(corpus / "manifest.csv")
     # a systematic problem stops the pack at its first rows (more than --max-skip-fraction), naming it
     assert pack.main([manifest, str(tmp_path / "a"), "--text-convention", "kspon", "--pcm-rate", "16000"]) == 1
@@ -90,6 +91,12 @@ def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(cor
     assert re.search(r"\(pcm_without_rate 1\); the first: .*KsponSpeech_\d{6}\.pcm: headerless \.pcm: state its "
                      r"sample rate with --pcm-rate \(KsponSpeech: 16000\)$", capsys.readouterr().err)
     assert pack.main([manifest, str(tmp_path / "c"), "--text-encoding", "cp949", "--pcm-rate", "16000"]) == 0  # plain
+    # issue 32.4: Kspon markup read as plain text is said, once, with the count (main: trained as words, silently)
+    assert (f"{manifest}: 6 of 6 transcripts look like KsponSpeech / AI Hub markup (b/ n/ (A)/(B) X/ X+), read as "
+            "written under --text-convention plain") in caplog.text
+    caplog.clear()
+    assert train_loop.main(args(str(tmp_path / "c"), tiny_model, tmp_path, "p", "--print-config")) == 0
+    assert f"{tmp_path / 'c'}/train: 4 of 4 transcripts look like KsponSpeech" in capsys.readouterr().out
     assert not (tmp_path / "a").exists()  # stopped at its first row: nothing written
     # b stopped at its first pcm row: what was packed before it is a complete split, its rows listed as skipped
     from wdx.shards import load_split
@@ -126,8 +133,10 @@ def test_the_data_layer_converts_a_split_packed_elsewhere_and_skips_markup_it_ca
 
 
 def test_a_kspon_corpus_trains_a_step_and_evaluates_verbatim_and_fluent(packed, tiny_model, tmp_path, capsys):
+    # no --text-convention: the run reads (and records) what wdx.pack recorded in metadata.json (issue 32.4)
     assert train_loop.main(args(str(packed), tiny_model, tmp_path, "k", "--max-steps", "1", "--num-workers", "0",
-                                "--per-device-train-batch-size", "2", "--text-convention", "kspon")) == 0
+                                "--per-device-train-batch-size", "2")) == 0
+    assert "text convention kspon, pronunciation side (as " in capsys.readouterr().out
     config = json.loads((tmp_path / "k" / "final" / "train_config.json").read_text())
     assert (config["text_convention"], config["dual_transcription"]) == ("kspon", "pronunciation")
     assert "the pronunciation side of dual transcriptions" in (tmp_path / "k" / "final" / "README.md").read_text()
@@ -140,6 +149,24 @@ def test_a_kspon_corpus_trains_a_step_and_evaluates_verbatim_and_fluent(packed, 
     assert report["results"]["dyslexic"]["cer_fluent"] is not None and report["results"]["normal"]["cer_fluent"] is None
     assert "CER without fillers and marked repetitions" in capsys.readouterr().out
     np.testing.assert_allclose(report["results"]["all"]["n"], 2)
+    assert report["references"] == {"text_convention": "kspon", "dual_transcription": "pronunciation"}
+
+
+def test_a_split_packed_under_a_convention_is_never_read_under_another(packed, tiny_model, tmp_path, capsys):
+    # issue 32.4: main never compared them; a run with --dual-transcription spelling trained the pronunciation side
+    # packed, and recorded "spelling" in its config, model card and encoder cache
+    meta = json.loads((packed / "train" / "metadata.json").read_text())
+    assert (meta["text_convention"], meta["dual_transcription"]) == ("kspon", "pronunciation")
+    refusal = (f"{packed / 'train' / 'metadata.json'}: packed with --text-convention kspon --dual-transcription "
+               "pronunciation (converted then); this run reads it with --text-convention {}: pass the packing's "
+               "flags, or pack the corpus again with this run's")
+    for flags, told in ((["--text-convention", "plain"], "plain"),
+                        (["--text-convention", "kspon", "--dual-transcription", "spelling"],
+                         "kspon --dual-transcription spelling")):
+        assert train_loop.main(args(str(packed), tiny_model, tmp_path, "x", "--num-workers", "0", *flags)) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "train_loop.py: error: " + refusal.format(told)
+    assert inspect.main([str(packed), "--splits", "train", "--text-convention", "plain"]) == 1
+    assert capsys.readouterr().err.strip() == "wdx.inspect: error: " + refusal.format("plain")
 
 
 def test_kspon_scripts_pack_as_shipped_one_command_per_script_bad_rows_counted(tmp_path, caplog):

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .augment import SpecAugment
-from .conventions import CONVENTIONS, DUAL_SIDES, Convention
+from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention
 from .domains import DOMAINS, ROWS_INIT, parse_domains
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -47,9 +47,10 @@ class TrainConfig:
                        "them and gets the new ones after", group="data")
     default_domain: str | None = opt(None, "domain for samples whose sample and split name none (one of --domains)",
                                      group="data")
-    text_convention: str = opt("plain", "how the transcripts are written: plain (as is), or kspon (KsponSpeech / AI "
-                               "Hub markup, converted: see wdx/conventions.py); wdx.pack --text-convention converts "
-                               "at packing time instead", choices=CONVENTIONS, group="data")
+    text_convention: str | None = opt(None, "how the transcripts are written: plain (as is), or kspon (KsponSpeech "
+                                      "/ AI Hub markup, converted: see wdx/conventions.py); default: as the train "
+                                      "split's metadata.json records (wdx.pack --text-convention converts at packing "
+                                      "time and records it), else plain", choices=CONVENTIONS, group="data")
     dual_transcription: str = opt("pronunciation", "kspon's (spelling)/(pronunciation) pairs: the side trained on",
                                   choices=DUAL_SIDES, group="data")
     train_split: str = opt("train", "training split directory under --dataset-root", group="data")
@@ -196,7 +197,7 @@ class TrainConfig:
 
     @property
     def convention(self) -> Convention:
-        return Convention(self.text_convention, self.dual_transcription)
+        return Convention(self.text_convention or PLAIN.name, self.dual_transcription)
 
     def precision(self) -> str:
         """The precision to train in; after `validate`, the flag or the launcher's (see resolve_precision)."""

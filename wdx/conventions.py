@@ -63,14 +63,24 @@ PLAIN = Convention()
 def add_flags(parser: argparse.ArgumentParser, what: str) -> None:
     """--text-convention and --dual-transcription, as train_loop.py has them, for a tool; read
     them back with `from_args`."""
-    parser.add_argument("--text-convention", choices=CONVENTIONS, default=PLAIN.name,
-                        help=f"how the transcripts are written; kspon: KsponSpeech / AI Hub markup, {what}")
-    parser.add_argument("--dual-transcription", choices=DUAL_SIDES, default=PLAIN.dual,
-                        help="kspon's (spelling)/(pronunciation) pairs: the side to keep")
+    parser.add_argument("--text-convention", choices=CONVENTIONS,
+                        help=f"how the transcripts are written; kspon: KsponSpeech / AI Hub markup, {what}; default: "
+                        "as the split's metadata.json records (wdx.pack writes it), else plain")
+    parser.add_argument("--dual-transcription", choices=DUAL_SIDES,
+                        help=f"kspon's (spelling)/(pronunciation) pairs: the side to keep (default {PLAIN.dual})")
 
 
-def from_args(args: argparse.Namespace) -> Convention:
-    return Convention(args.text_convention, args.dual_transcription)
+def from_args(args: argparse.Namespace) -> Convention | None:
+    """The convention the flags name; None when --text-convention was not given (see `resolve`)."""
+    if args.text_convention is None:
+        return None
+    return Convention(args.text_convention, args.dual_transcription or PLAIN.dual)
+
+
+def resolve(given: Convention | None, recorded: Convention | None) -> Convention:
+    """What a tool reads a split under: its flags, else what the split's metadata.json records
+    (wdx.shards checks that the two agree), else plain."""
+    return given or recorded or PLAIN
 
 
 @dataclass
@@ -87,6 +97,22 @@ class Converted:
         text was converted then) or this conversion's; None when it equals the text."""
         fluent = recorded or self.fluent
         return fluent if fluent != self.text else None
+
+
+_KSPON_LOOK = re.compile(r"(?:^|\s)[bloun]/|\([^()]*\)\s*/\s*\([^()]*\)|\S/(?:\s|$)|\S\+(?:\s|$)", re.IGNORECASE)
+
+
+def looks_kspon(text: str) -> bool:
+    """Does a transcript read as plain text carry KsponSpeech / AI Hub markup (a noise tag, a
+    dual transcription, a filler `X/` or a repetition `X+`)?"""
+    return bool(_KSPON_LOOK.search(text.translate(_FULL_WIDTH)))
+
+
+def kspon_warning(marked: int, seen: int, where: str) -> str:
+    """The one warning for kspon-looking transcripts read as plain text."""
+    return (f"{where}: {marked} of {seen} transcripts look like KsponSpeech / AI Hub markup (b/ n/ (A)/(B) X/ X+), "
+            "read as written under --text-convention plain (trained and scored with the marks); "
+            "--text-convention kspon converts them")
 
 
 def convert(raw: str, convention: Convention = PLAIN) -> Converted:

@@ -206,6 +206,22 @@ def _join_dotted_json(current: dict, key: str, ext: str) -> tuple[str, str]:
     return key, ext
 
 
+def first_transcripts(split: Split, limit: int) -> list[str]:
+    """Up to `limit` transcripts from the split's first shards, read without decoding audio:
+    a look at how the corpus is written before anything trains on it."""
+    out: list[str] = []
+    for url in split.urls:
+        try:
+            for sample in iter_shard(url):
+                if "txt" in sample:
+                    out.append(sample["txt"].decode("utf-8-sig", "replace"))
+                if len(out) >= limit:
+                    return out
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            continue  # the loader counts a broken shard; this is only a look
+    return out
+
+
 def stream_length(length: int, lanes: int) -> int:
     """Stream indices per pass over a slot of `length` samples read through `lanes` lanes."""
     return lanes * math.ceil(length / lanes)

@@ -184,8 +184,8 @@ def dataset_batches(root: str, split: str, batch_size: int, workers: int, defaul
                     skipped: Counter, convention: Convention = PLAIN, domains: tuple[str, ...] | None = DOMAINS):
     """Batches of decoded samples; every skipped sample is counted into `skipped` by reason.
     `domains`: the model's (None: any, for a model without domain tokens)."""
-    ds = ShardedSamples(load_split(root, split, domains=domains), rank=0, world_size=1, num_workers=workers,
-                        batch_size=batch_size, train=False, seed=0, target_sr=16000,
+    ds = ShardedSamples(load_split(root, split, domains=domains, convention=convention), rank=0, world_size=1,
+                        num_workers=workers, batch_size=batch_size, train=False, seed=0, target_sr=16000,
                         default_domain=default_domain, shuffle_block=1, convention=convention, domains=domains,
                         collate=lambda samples: {"samples": samples})
     ds.set_epoch(0)
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="two --json outputs on the same samples: CER of each, B - A and its paired bootstrap 95 %% "
                           "interval per domain (no model needed)")
     args = parser.parse_args(argv)
-    convention = conventions.from_args(args)
+    given = conventions.from_args(args)
+    convention = conventions.resolve(given, None)  # a dataset's recorded one, once it is read
     if args.compare:
         return compare_main(args.compare, args.json)
     if not args.model or not (args.dataset or args.list or args.dir):
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
         check_domain_flags(transcriber, args.model, ["--compare-domains"] * args.compare_domains, args.domain)
         if args.dataset:  # a model without domain tokens is scored on every domain's samples
-            total = load_split(args.dataset, args.split, domains=transcriber.domains or None).total
+            split = load_split(args.dataset, args.split, domains=transcriber.domains or None, convention=given)
+            total, convention = split.total, conventions.resolve(given, split.convention)
             batches = dataset_batches(args.dataset, args.split, args.batch_size, args.num_workers, args.domain,
                                       skipped, convention, transcriber.domains or None)
         else:

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         if encode_text is None:
             print("transcript lengths: not checked (pass --base-model to count those the decoder cannot hold)")
         for name in args.splits:
-            reports.append(inspect_split(load_split(args.root, name, args.samples_per_shard, args.domains),
-                                         args.default_domain, encode_text, conventions.from_args(args), args.domains))
+            split = load_split(args.root, name, args.samples_per_shard, args.domains, conventions.from_args(args))
+            reports.append(inspect_split(split, args.default_domain, encode_text,
+                                         conventions.resolve(conventions.from_args(args), split.convention),
+                                         args.domains))
             print(format_report(reports[-1]), flush=True)
     except (DatasetError, ModelLoadError) as exc:
         print(f"wdx.inspect: error: {exc}", file=sys.stderr)

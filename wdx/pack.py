@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from . import conventions
 from .audio import AUDIO_EXTENSIONS, PCM, AudioDecodeError, decode_audio, pcm_to_wav
-from .conventions import PLAIN, Convention, convert
+from .conventions import PLAIN, Convention, convert, kspon_warning, looks_kspon
 from .domains import DOMAINS, domains_flag
 from .shards import METADATA
 
@@ -75,12 +75,13 @@ TRN_SEPARATOR = " :: "  # KsponSpeech_scripts/*.trn: `KsponSpeech_01/KsponSpeech
 
 
 def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: int = 1000,
-                max_bytes: int = 1 << 30, domain: str | None = None) -> list[dict]:
+                max_bytes: int = 1 << 30, domain: str | None = None, convention: Convention = PLAIN) -> list[dict]:
     """Write samples (dicts of tar members: `__key__`, `wav`, `txt`, ...) as shards + metadata.json.
 
     A shard closes when it holds `max_count` samples or `max_bytes` of member data.
     Returns the metadata's shard list. metadata.json is written last, to a temporary name
-    then renamed, so a split with a metadata.json is a complete split.
+    then renamed, so a split with a metadata.json is a complete split; it records the
+    `convention` the transcripts were converted under (every reader then must use it).
     """
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,8 @@ def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: in
     meta = {"total_samples": sum(s["samples"] for s in shards), "shards": shards}
     if domain is not None:
         meta["domain"] = domain
+    if convention != PLAIN:
+        meta.update(text_convention=convention.name, dual_transcription=convention.dual)
     tmp = split_dir / (METADATA + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, split_dir / METADATA)
@@ -217,6 +220,7 @@ class Skipped:
         self.total, self.max_fraction = total, max_fraction
         self.counts: Counter = Counter()
         self.rows: list[tuple[str, str, str]] = []  # (where, reason, message)
+        self.kspon_looking = 0  # packed rows whose plain text carries Kspon markup (warned once, at the end)
 
     def add(self, where: str, error: RowError) -> None:
         self.counts[error.reason] += 1
@@ -283,11 +287,13 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
         # the stream ends early when there are too many skips: the split written so far is complete
         written[split] = write_split(out / split, tqdm(itertools.chain([first], samples), total=len(split_rows),
                                                        desc=f"packing {split}", unit="sample"),
-                                     max_count=max_count, max_bytes=max_bytes)
+                                     max_count=max_count, max_bytes=max_bytes, convention=reading.convention)
     if skipped.rows and written:
         skipped.write(skipped_list(manifest, out))
     if skipped.too_many:
         raise skipped.refusal()
+    if skipped.kspon_looking:
+        log.warning(kspon_warning(skipped.kspon_looking, skipped.total - len(skipped.rows), str(manifest)))
     return written, skipped
 
 
@@ -296,7 +302,10 @@ def packable(rows: list[tuple[str, dict]], base: Path, reading: Reading, skipped
     others go to `skipped`."""
     for i, (where, row) in enumerate(rows):
         try:
-            yield to_sample(row, where, base, i, reading)[1]
+            members = to_sample(row, where, base, i, reading)[1]
+            if reading.convention == PLAIN:
+                skipped.kspon_looking += looks_kspon(members["txt"].decode("utf-8"))
+            yield members
         except RowError as exc:
             skipped.add(where, exc)
             if skipped.too_many:
@@ -320,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
                         "only for manifests already shuffled, or evaluation sets read in order")
     conventions.add_flags(parser, "converted at packing time (see wdx/conventions.py); a .trn implies kspon")
-    parser.set_defaults(text_convention=None)  # resolved below: a .trn implies kspon
     parser.add_argument("--text-encoding", default="utf-8", help="encoding of text_path files (cp949 / euc-kr for "
                         "KsponSpeech); never guessed")
     parser.add_argument("--domains", type=domains_flag, default=DOMAINS, help="the domains rows may name, "

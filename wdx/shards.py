@@ -17,6 +17,7 @@ from typing import IO
 
 import webdataset as wds
 
+from .conventions import PLAIN, Convention
 from .domains import DOMAINS
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Split:
     counts: tuple[int, ...]  # samples per shard, in `urls` order
     domain: str | None  # the split-level default domain, if metadata.json names one
     files: tuple[str, ...] = ()  # the shards' names as metadata.json lists them (relative paths), in `urls` order
+    convention: Convention | None = None  # what wdx.pack converted the transcripts under, if it did
 
     @property
     def total(self) -> int:
@@ -144,14 +146,41 @@ def _as_stored(split_dir: str, name: str) -> str:
     return name
 
 
+def recorded_convention(meta: dict | None) -> Convention | None:
+    """The convention wdx.pack converted a split's transcripts under (None: as written)."""
+    if not meta or meta.get("text_convention", PLAIN.name) == PLAIN.name:
+        return None
+    return Convention(meta["text_convention"], meta.get("dual_transcription", PLAIN.dual))
+
+
+def split_convention(root: str, split: str) -> Convention | None:
+    """`recorded_convention` of ROOT/split/metadata.json (None where there is none)."""
+    return recorded_convention(_read_metadata(_shard_url(root, split, METADATA)))
+
+
+def check_convention(meta: dict, url: str, convention: Convention | None) -> None:
+    """Refuse to read a split packed under one convention as if written under another: the
+    run records its convention (train_config.json, the model card, the encoder cache), and a
+    kspon split's dual side was chosen at packing time; training another would be a silent lie."""
+    packed = recorded_convention(meta)
+    if convention is None or packed is None or packed == convention:
+        return
+    raise DatasetError(f"{url}: packed with --text-convention {packed.name} --dual-transcription {packed.dual} "
+                       f"(converted then); this run reads it with --text-convention {convention.name}"
+                       + (f" --dual-transcription {convention.dual}" if convention.name != PLAIN.name else "")
+                       + ": pass the packing's flags, or pack the corpus again with this run's")
+
+
 def load_split(root: str, split: str, samples_per_shard: int | None = None,
-               domains: tuple[str, ...] | None = DOMAINS) -> Split:
+               domains: tuple[str, ...] | None = DOMAINS, convention: Convention | None = None) -> Split:
     """Read `ROOT/split/metadata.json`; without one, count `samples_per_shard` per listed shard.
-    A split-wide `domain` must be one of `domains` (the run's)."""
+    A split-wide `domain` must be one of `domains` (the run's); a split converted at packing
+    time (wdx.pack --text-convention kspon records it) must be read under that `convention`."""
     meta_url = _shard_url(root, split, METADATA)
     meta = _read_metadata(meta_url)
     domain = None
     if meta is not None:
+        check_convention(meta, meta_url, convention)
         names, counts = _parse_shards(meta, meta_url)
         domain = meta.get("domain")
         if domain is not None and domains is not None and domain not in domains:
@@ -180,4 +209,5 @@ def load_split(root: str, split: str, samples_per_shard: int | None = None,
                         os.path.join(root, split), len(unlisted), METADATA,
                         ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""))
     urls = tuple(_shard_url(root, split, n) for n in names)
-    return Split(name=split, urls=urls, counts=tuple(counts), domain=domain, files=tuple(names))
+    return Split(name=split, urls=urls, counts=tuple(counts), domain=domain, files=tuple(names),
+                 convention=recorded_convention(meta))
