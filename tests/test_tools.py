@@ -83,8 +83,11 @@ def test_pack_skips_bad_rows_counted_and_listed_and_stops_above_the_skip_fractio
     manifest = write_manifest(tmp_path, rows)
     r = cli("wdx.pack", str(manifest), str(tmp_path / "strict"), "--pcm-rate", "16000")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith(f"wdx.pack: error: 1 of {len(rows)} rows cannot be packed, "
-                                                        "more than --max-skip-fraction 0.01 (")
+    # one unit per split (--max-samples-per-shard rows): val_small (rows 0-4) is judged first, 2 of its rows bad
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"wdx.pack: error: 2 of {len(rows)} rows cannot be packed, more than --max-skip-fraction 0.01 "
+        f"(missing_audio 1, unknown_domain 1); the first: {manifest}:3: {tmp_path}/missing.wav: No such file or "
+        "directory")
     out = tmp_path / "ds"
     r = cli("wdx.pack", str(manifest), str(out), "--pcm-rate", "16000", "--max-skip-fraction", "0.5")
     assert r.returncode == 0, r.stderr
@@ -138,3 +141,23 @@ def test_inspect_with_the_base_model_counts_transcripts_training_skips(tmp_path,
     assert inspect_split(split).usable_samples == 2
     report = inspect_split(split, encode_text=text_encoder(tiny_model))
     assert report.usable_samples == 1 and report.skipped == {"transcript_too_long": 1}
+
+
+def test_pack_gives_the_same_shards_for_any_worker_count_and_never_imports_torch(tmp_path):
+    # issue 32.3: parallel over every core by default; a packing process does not pay ~800 MB for torch
+    import hashlib
+
+    rows = audio_rows(tmp_path, n_per_format=3)
+    rows[4]["audio_path"] = "missing.wav"  # a skipped row changes no other row's shard
+    manifest = write_manifest(tmp_path, rows)
+    script = ("import sys, wdx.pack; code = wdx.pack.main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    digests = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        r = subprocess.run([sys.executable, "-c", script, str(manifest), str(out), "--max-samples-per-shard", "2",
+                            "--workers", str(workers), "--max-skip-fraction", "0.2"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == "no torch", r.stderr
+        digests[workers] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                            for p in sorted(out.rglob("*")) if p.is_file()}
+    assert digests[1] == digests[3] and len([p for p in digests[1] if p.endswith(".tar")]) == 8

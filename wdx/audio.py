@@ -15,8 +15,6 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
 
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "m4a", "opus", "webm", "aac")
 _SOUNDFILE_EXTENSIONS = {"wav", "flac", "mp3", "ogg"}
@@ -102,9 +100,11 @@ def unusable(wave: np.ndarray) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _resampler(orig_sr: int, new_sr: int) -> torchaudio.transforms.Resample:
+def _resampler(orig_sr: int, new_sr: int):
     # Building the sinc kernel costs more than applying it to a short clip, so it is
     # built once per rate pair and per process (each loader worker has its own cache).
+    import torchaudio  # here, not at the top: decoding (wdx.pack's workers) must not pay ~800 MB for torch
+
     return torchaudio.transforms.Resample(orig_sr, new_sr)
 
 
@@ -112,6 +112,8 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     """Resample a mono float32 signal; a no-op when the rates agree."""
     if orig_sr == new_sr:
         return wave
+    import torch
+
     with torch.no_grad():
         return _resampler(orig_sr, new_sr)(torch.from_numpy(wave)).numpy()
 

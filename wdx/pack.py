@@ -33,20 +33,23 @@ transcript file next to each clip, as KsponSpeech ships them). Headerless `.pcm`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import itertools
+import io
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
 import sys
+import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
-import webdataset as wds
 from tqdm import tqdm
 
 from . import conventions
@@ -74,38 +77,73 @@ class RowError(ManifestError):
 TRN_SEPARATOR = " :: "  # KsponSpeech_scripts/*.trn: `KsponSpeech_01/KsponSpeech_0001/KsponSpeech_000001.pcm :: text`
 
 
-def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: int = 1000,
-                max_bytes: int = 1 << 30, domain: str | None = None, convention: Convention = PLAIN) -> list[dict]:
-    """Write samples (dicts of tar members: `__key__`, `wav`, `txt`, ...) as shards + metadata.json.
+class ShardWriter:
+    """Samples (dicts of tar members: `__key__`, `wav`, `txt`, ...) into tar files, the next one
+    opened when the current holds `max_count` samples or `max_bytes` of member data.
 
-    A shard closes when it holds `max_count` samples or `max_bytes` of member data.
-    Returns the metadata's shard list. metadata.json is written last, to a temporary name
-    then renamed, so a split with a metadata.json is a complete split; it records the
-    `convention` the transcripts were converted under (every reader then must use it).
+    Plain `tarfile`, not webdataset's TarWriter (which imports torch: ~800 MB a packing
+    worker does without); members get fixed metadata (mode 0444, mtime 0), so the same
+    samples give the same bytes.
     """
-    split_dir = Path(split_dir)
-    split_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict] = []
-    writer, size = None, 0
-    for sample in samples:
-        if writer is None or shards[-1]["samples"] >= max_count or size >= max_bytes:
-            if writer is not None:
-                writer.close()
-            shards.append({"filename": f"shard_{len(shards):06d}.tar", "samples": 0})
-            writer, size = wds.TarWriter(str(split_dir / shards[-1]["filename"])), 0
-        writer.write(sample)
-        shards[-1]["samples"] += 1
-        size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
-    if writer is not None:
-        writer.close()
+
+    def __init__(self, split_dir: Path, name: Callable[[int], str], max_count: int, max_bytes: int) -> None:
+        self.split_dir, self.name, self.max_count, self.max_bytes = split_dir, name, max_count, max_bytes
+        self.shards: list[dict] = []  # metadata.json's entries
+        self.tar: tarfile.TarFile | None = None
+        self.size = 0
+
+    def write(self, sample: dict) -> None:
+        if self.tar is None or self.shards[-1]["samples"] >= self.max_count or self.size >= self.max_bytes:
+            self._next()
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o444, 0
+            self.tar.addfile(info, io.BytesIO(data))
+            self.size += len(data)
+        self.shards[-1]["samples"] += 1
+
+    def _next(self) -> None:
+        self.close()
+        self.shards.append({"filename": self.name(len(self.shards)), "samples": 0})
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        path = self.split_dir / self.shards[-1]["filename"]
+        self.tar, self.size = tarfile.open(path, "w", format=tarfile.GNU_FORMAT), 0
+
+    def close(self) -> list[dict]:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+        return self.shards
+
+
+def write_metadata(split_dir: Path, shards: list[dict], domain: str | None = None,
+                   convention: Convention = PLAIN) -> None:
+    """metadata.json, written last (to a temporary name, then renamed): a split with one is a
+    complete split. It records the `convention` the transcripts were converted under (every
+    reader then must use it)."""
     meta = {"total_samples": sum(s["samples"] for s in shards), "shards": shards}
     if domain is not None:
         meta["domain"] = domain
     if convention != PLAIN:
         meta.update(text_convention=convention.name, dual_transcription=convention.dual)
+    split_dir.mkdir(parents=True, exist_ok=True)
     tmp = split_dir / (METADATA + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, split_dir / METADATA)
+
+
+def write_split(split_dir: str | Path, samples: Iterable[dict], *, max_count: int = 1000,
+                max_bytes: int = 1 << 30, domain: str | None = None, convention: Convention = PLAIN) -> list[dict]:
+    """Write samples as shards `shard_NNNNNN.tar` + metadata.json; returns the shard list.
+    A shard closes when it holds `max_count` samples or `max_bytes` of member data."""
+    split_dir = Path(split_dir)
+    writer = ShardWriter(split_dir, lambda k: f"shard_{k:06d}.tar", max_count, max_bytes)
+    for sample in samples:
+        writer.write(sample)
+    shards = writer.close()
+    write_metadata(split_dir, shards, domain, convention)
     return shards
 
 
@@ -257,11 +295,17 @@ def skipped_list(manifest: Path, out: Path) -> Path:
 
 
 def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | None = 0,
-         reading: Reading = AS_WRITTEN, base: Path | None = None,
-         max_skip_fraction: float = 0.01) -> tuple[dict[str, list[dict]], Skipped]:
-    """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order),
-    each audio file read once; rows that cannot be packed are skipped (see the module docstring).
-    Returns (each split's shard list, the skipped rows)."""
+         reading: Reading = AS_WRITTEN, base: Path | None = None, max_skip_fraction: float = 0.01,
+         workers: int = 1) -> tuple[dict[str, list[dict]], Skipped]:
+    """Pack every split named in the manifest, its rows shuffled by `seed` (None: manifest order);
+    rows that cannot be packed are skipped (see the module docstring). Returns (each split's
+    shard list, the skipped rows).
+
+    Each split's shuffled rows are cut into units of `max_count`; unit u becomes
+    `shard_{u:06d}.tar` (and `shard_{u:06d}_1.tar` ... past `max_bytes`), packed by one of
+    `workers` processes, so the same rows land in the same shards for any worker count.
+    Each audio file is read once.
+    """
     base = manifest.parent if base is None else base
     rows = list(read_manifest(manifest))
     skipped = Skipped(len(rows), max_skip_fraction)
@@ -269,25 +313,26 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
     for n, row in rows:
         split = str(row.get("split") or reading.split or "").strip() if "__bad__" not in row else ""
         by_split.setdefault(split, []).append((f"{manifest}:{n}", row))
+    del rows
     for split in by_split:
         if split and (out / split / METADATA).exists():
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
-    written = {}
     for where, row in by_split.pop("", []):  # no split to put them in: say why
-        list(packable([(where, row)], base, reading, skipped))
-    for split, split_rows in by_split.items():
-        if skipped.too_many:
-            break
-        if seed is not None:
-            random.Random(f"{seed}-{split}").shuffle(split_rows)
-        samples = packable(split_rows, base, reading, skipped)
-        first = next(samples, None)
-        if first is None:
-            continue  # nothing of this split could be packed: no empty split on disk
-        # the stream ends early when there are too many skips: the split written so far is complete
-        written[split] = write_split(out / split, tqdm(itertools.chain([first], samples), total=len(split_rows),
-                                                       desc=f"packing {split}", unit="sample"),
-                                     max_count=max_count, max_bytes=max_bytes, convention=reading.convention)
+        _merge(skipped, pack_unit(out, -1, [(0, where, row)], base, reading, max_bytes, dry=True))
+    written = {}
+    with _pool(workers) as pool:
+        for split, split_rows in by_split.items():
+            if skipped.too_many:
+                break
+            if seed is not None:
+                random.Random(f"{seed}-{split}").shuffle(split_rows)
+            indexed = [(i, where, row) for i, (where, row) in enumerate(split_rows)]
+            units = [(out / split, u, indexed[start:start + max_count], base, reading, max_bytes)
+                     for u, start in enumerate(range(0, len(indexed), max_count))]
+            shards = _pack_units(pool, units, skipped, split)
+            if shards:
+                write_metadata(out / split, shards, convention=reading.convention)
+                written[split] = shards
     if skipped.rows and written:
         skipped.write(skipped_list(manifest, out))
     if skipped.too_many:
@@ -297,19 +342,67 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
     return written, skipped
 
 
-def packable(rows: list[tuple[str, dict]], base: Path, reading: Reading, skipped: Skipped) -> Iterator[dict]:
-    """The tar members of every row that can be packed, until `skipped` holds too many; the
-    others go to `skipped`."""
-    for i, (where, row) in enumerate(rows):
-        try:
-            members = to_sample(row, where, base, i, reading)[1]
-            if reading.convention == PLAIN:
-                skipped.kspon_looking += looks_kspon(members["txt"].decode("utf-8"))
-            yield members
-        except RowError as exc:
-            skipped.add(where, exc)
+def _pool(workers: int):
+    """Worker processes (forked: this process has not imported torch, and neither do they), or
+    an in-process stand-in for one worker."""
+    if workers > 1:
+        return multiprocessing.get_context("fork").Pool(workers)
+    return contextlib.nullcontext(SimpleNamespace(imap=map, terminate=lambda: None))
+
+
+def _pack_units(pool, units: list[tuple], skipped: Skipped, split: str) -> list[dict]:
+    """Pack the units in order of their results; stop (and delete the unfinished units' files)
+    once `skipped` holds too many. Returns the shard list of the units packed."""
+    shards: list[dict] = []
+    done = 0
+    with tqdm(total=sum(len(u[2]) for u in units), desc=f"packing {split}", unit="row") as bar:
+        for result in pool.imap(_pack_unit_task, units):
+            shards += _merge(skipped, result)
+            done += 1
+            bar.update(len(units[done - 1][2]))
             if skipped.too_many:
-                return
+                pool.terminate()
+                break
+    for _, u, *_ in units[done:]:  # written by a worker that was stopped, or never started
+        for path in units[0][0].glob(f"shard_{u:06d}*.tar"):
+            path.unlink()
+    return shards
+
+
+def _merge(skipped: Skipped, result: tuple[list[dict], list[tuple[str, str, str]], int]) -> list[dict]:
+    shards, rows, kspon_looking = result
+    for where, reason, message in rows:
+        skipped.add(where, RowError(reason, message))
+    skipped.kspon_looking += kspon_looking
+    return shards
+
+
+def _pack_unit_task(args: tuple) -> tuple[list[dict], list[tuple[str, str, str]], int]:
+    return pack_unit(*args)
+
+
+def pack_unit(out_dir: Path, unit: int, rows: list[tuple[int, str, dict]], base: Path, reading: Reading,
+              max_bytes: int, dry: bool = False) -> tuple[list[dict], list[tuple[str, str, str]], int]:
+    """Pack one unit of rows (index in the split, where, row) into its shard files (`dry`: only
+    check them). Returns (shard entries, skipped rows as (where, reason, message), the count of
+    rows whose plain text looks like Kspon markup)."""
+    writer = ShardWriter(out_dir, lambda k: f"shard_{unit:06d}.tar" if k == 0 else f"shard_{unit:06d}_{k}.tar",
+                         max_count=len(rows) + 1, max_bytes=max_bytes)
+    skips, kspon_looking = [], 0
+    try:
+        for i, where, row in rows:
+            try:
+                members = to_sample(row, where, base, i, reading)[1]
+            except RowError as exc:
+                skips.append((where, exc.reason, str(exc)))
+                continue
+            if reading.convention == PLAIN:
+                kspon_looking += looks_kspon(members["txt"].decode("utf-8"))
+            if not dry:
+                writer.write(members)
+    finally:
+        shards = writer.close()
+    return shards, skips, kspon_looking
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="close a shard at this many samples")
     parser.add_argument("--max-shard-mb", type=float, default=1024, help="close a shard at this much audio+text")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle of each split's rows")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="packing processes "
+                        "(default: every core this process may use); the shards are the same for any number")
     parser.add_argument("--keep-order", action="store_true", help="write rows in manifest order (no shuffle): "
                         "only for manifests already shuffled, or evaluation sets read in order")
     conventions.add_flags(parser, "converted at packing time (see wdx/conventions.py); a .trn implies kspon")
@@ -351,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written, skipped = pack(args.manifest, args.out, args.max_samples_per_shard, int(args.max_shard_mb * 2**20),
                                 None if args.keep_order else args.seed, reading, args.audio_root,
-                                args.max_skip_fraction)
+                                args.max_skip_fraction, max(1, args.workers))
     except (ManifestError, OSError) as exc:
         print(f"wdx.pack: error: {exc}", file=sys.stderr)
         return 1

@@ -15,8 +15,6 @@ import unicodedata
 from dataclasses import dataclass
 from typing import IO
 
-import webdataset as wds
-
 from .conventions import PLAIN, Convention
 from .domains import DOMAINS
 
@@ -60,6 +58,8 @@ def join(root: str, *parts: str) -> str:
 
 def open_url(url: str) -> IO[bytes]:
     """Open a local path or any URL that WebDataset's gopen or fsspec understands."""
+    import webdataset as wds  # here: it imports torch, which wdx.pack's workers do without
+
     scheme = url.split(":", 1)[0] if is_url(url) else ""
     if not scheme or scheme in wds.gopen_schemes or scheme == "file":
         return wds.gopen(url, "rb")
