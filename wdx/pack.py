@@ -307,18 +307,18 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
     Each audio file is read once.
     """
     base = manifest.parent if base is None else base
-    rows = list(read_manifest(manifest))
-    skipped = Skipped(len(rows), max_skip_fraction)
-    by_split: dict[str, list[tuple[str, dict]]] = {}
-    for n, row in rows:
+    by_split: dict[str, list[tuple[int, dict]]] = {}  # (line, row): what the main process holds per row
+    total = 0
+    for n, row in read_manifest(manifest):
         split = str(row.get("split") or reading.split or "").strip() if "__bad__" not in row else ""
-        by_split.setdefault(split, []).append((f"{manifest}:{n}", row))
-    del rows
+        by_split.setdefault(split, []).append((n, row))
+        total += 1
+    skipped = Skipped(total, max_skip_fraction)
     for split in by_split:
         if split and (out / split / METADATA).exists():
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
-    for where, row in by_split.pop("", []):  # no split to put them in: say why
-        _merge(skipped, pack_unit(out, -1, [(0, where, row)], base, reading, max_bytes, dry=True))
+    for n, row in by_split.pop("", []):  # no split to put them in: say why
+        _merge(skipped, pack_unit(out, -1, [(0, n, row)], manifest, base, reading, max_bytes, dry=True))
     written = {}
     with _pool(workers) as pool:
         for split, split_rows in by_split.items():
@@ -326,9 +326,9 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
                 break
             if seed is not None:
                 random.Random(f"{seed}-{split}").shuffle(split_rows)
-            indexed = [(i, where, row) for i, (where, row) in enumerate(split_rows)]
-            units = [(out / split, u, indexed[start:start + max_count], base, reading, max_bytes)
-                     for u, start in enumerate(range(0, len(indexed), max_count))]
+            units = [(out / split, u, [(start + j, n, row) for j, (n, row) in
+                                       enumerate(split_rows[start:start + max_count])], manifest, base, reading,
+                      max_bytes) for u, start in enumerate(range(0, len(split_rows), max_count))]
             shards = _pack_units(pool, units, skipped, split)
             if shards:
                 write_metadata(out / split, shards, convention=reading.convention)
@@ -343,10 +343,11 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
 
 
 def _pool(workers: int):
-    """Worker processes (forked: this process has not imported torch, and neither do they), or
-    an in-process stand-in for one worker."""
+    """Worker processes, or an in-process stand-in for one worker. forkserver: a worker starts
+    from a clean process that imports wdx.pack alone (no torch), not from a fork of this one,
+    whose memory (every manifest row) it would carry."""
     if workers > 1:
-        return multiprocessing.get_context("fork").Pool(workers)
+        return multiprocessing.get_context("forkserver").Pool(workers)
     return contextlib.nullcontext(SimpleNamespace(imap=map, terminate=lambda: None))
 
 
@@ -381,16 +382,18 @@ def _pack_unit_task(args: tuple) -> tuple[list[dict], list[tuple[str, str, str]]
     return pack_unit(*args)
 
 
-def pack_unit(out_dir: Path, unit: int, rows: list[tuple[int, str, dict]], base: Path, reading: Reading,
-              max_bytes: int, dry: bool = False) -> tuple[list[dict], list[tuple[str, str, str]], int]:
-    """Pack one unit of rows (index in the split, where, row) into its shard files (`dry`: only
+def pack_unit(out_dir: Path, unit: int, rows: list[tuple[int, int, dict]], manifest: Path, base: Path,
+              reading: Reading, max_bytes: int,
+              dry: bool = False) -> tuple[list[dict], list[tuple[str, str, str]], int]:
+    """Pack one unit of rows (index in the split, manifest line, row) into its shard files (`dry`: only
     check them). Returns (shard entries, skipped rows as (where, reason, message), the count of
     rows whose plain text looks like Kspon markup)."""
     writer = ShardWriter(out_dir, lambda k: f"shard_{unit:06d}.tar" if k == 0 else f"shard_{unit:06d}_{k}.tar",
                          max_count=len(rows) + 1, max_bytes=max_bytes)
     skips, kspon_looking = [], 0
     try:
-        for i, where, row in rows:
+        for i, n, row in rows:
+            where = f"{manifest}:{n}"
             try:
                 members = to_sample(row, where, base, i, reading)[1]
             except RowError as exc:
