@@ -58,3 +58,20 @@ def test_training_flops_of_large_v3_follow_its_geometry():
     assert f["encoder_frozen"] == 28 * (8 * 1500 * 1280**2 + 4 * 1500**2 * 1280 + 4 * 1500 * 1280 * 5120)
     assert f["encoder_trained"] == 3 * 4 / 28 * f["encoder_frozen"]
     assert 3.7e12 < f["total"] < 3.8e12
+
+
+@pytest.mark.slow
+def test_the_corpus_scale_benchmarks_run(tmp_path):
+    # issue 32.3 / 32.5: bench.pack and bench.scale on small corpora (their numbers are bench/pack.json and
+    # bench/scale.json, not checked here); what is checked is what they exist to show
+    done = subprocess.run([sys.executable, "-m", "bench.pack", "--utterances", "300", "600", "--workers", "2",
+                           "--work", str(tmp_path / "p"), "--json", str(tmp_path / "pack.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sizes = json.loads((tmp_path / "pack.json").read_text())["sizes"]
+    assert not sizes["600"]["torch_imported"] and sizes["600"]["skipped"].startswith("1 of 600 rows")
+    done = subprocess.run([sys.executable, "-m", "bench.scale", "--utterances", "100", "--steps", "4",
+                           "--work", str(tmp_path / "s"), "--json", str(tmp_path / "scale.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "scale.json").read_text())["resume"]["losses_equal"] is True
