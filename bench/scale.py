@@ -96,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         if n != max(args.utterances):
             shutil.rmtree(data)
     half = args.steps // 2
-    full = train(data, model, args.work / "runs", "full", "--max-steps", str(args.steps), "--logging-steps", "10",
+    # a logged loss averages the steps since the previous log: logs must fall on the checkpoint's step
+    logging = "10" if half % 10 == 0 else "1"
+    full = train(data, model, args.work / "runs", "full", "--max-steps", str(args.steps), "--logging-steps", logging,
                  "--eval-steps", str(half), "--save-steps", str(half))
     resumed_dir = args.work / "runs" / "resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(args.work / "runs" / "full" / "checkpoints" / f"step-{half:07d}", resumed_dir / f"step-{half:07d}")
     resumed = train(data, model, args.work / "runs", "resumed", "--max-steps", str(args.steps), "--logging-steps",
-                    "10", "--eval-steps", str(half), "--save-steps", str(half), "--resume-from-checkpoint", "latest")
+                    logging, "--eval-steps", str(half), "--save-steps", str(half), "--resume-from-checkpoint", "latest")
     second_half = {s: v for s, v in full["losses"].items() if s > half}
     results["run"] = {"utterances": max(args.utterances), **{k: v for k, v in full.items() if k != "losses"},
                       "seconds_per_step": full["seconds"] / args.steps}
