@@ -1,6 +1,7 @@
 """faster-whisper itself on a wdx.export_ct2 directory: the trained prompt, on every window."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from faster_whisper import BatchedInferencePipeline, WhisperModel  # a test dependency (requirements-dev.txt)
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import get_suppressed_tokens
 
 from tests.conftest import same_start, speechlike
 from wdx import export_ct2
@@ -31,6 +33,19 @@ class Spy:
     def generate(self, features, prompts, **kwargs):
         self.prompts += prompts
         return self.model.generate(features, prompts, **kwargs)
+
+
+class Generated(Spy):
+    """The ctranslate2 model, recording every sequence it generates."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.ids = []
+
+    def generate(self, features, prompts, **kwargs):
+        out = self.model.generate(features, prompts, **kwargs)
+        self.ids += [ids for r in out for ids in r.sequences_ids]
+        return out
 
 
 def texts(segments) -> str:
@@ -143,3 +158,46 @@ def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tm
                                                "(got 'adult')")
     code = "import sys, wdx.deploy; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_a_model_biased_to_emit_a_domain_token_never_gets_one_into_text_or_times(trained, tmp_path):
+    # issue 34.1: faster-whisper's suppress_tokens holds no domain id; one generated mid-text is read as a timestamp
+    from collections import Counter
+
+    from safetensors.torch import load_file, save_file
+
+    final, unbiased = trained
+    clip = speechlike(3.0, 16000, seed=3)
+    prompt = json.loads((unbiased / export_ct2.PROMPTS_FILE).read_text())["normal"]["ids"]
+
+    def raw_ids(export):  # ctranslate2 as faster-whisper calls it (-1 replaced by its own list, no domain id)
+        plain = WhisperModel(str(export), compute_type="float32")
+        features = pad_or_trim(plain.feature_extractor(clip)[:, :-1])[None]
+        suppress = get_suppressed_tokens(Tokenizer(plain.hf_tokenizer, True, "transcribe", "ko"), [-1])
+        return plain.model.generate(plain.encode(features), [prompt], max_length=40,
+                                    suppress_tokens=suppress)[0].sequences_ids[0][1:]
+
+    favourite = Counter(raw_ids(unbiased)).most_common(1)[0][0]
+    biased = tmp_path / "final"
+    shutil.copytree(final, biased)
+    weights = load_file(biased / "model.safetensors")
+    emb = weights["model.decoder.embed_tokens.weight"]  # tied: the output projection too
+    domain = list(range(emb.shape[0] - 2, emb.shape[0]))
+    emb[domain] = 3 * emb[favourite]  # outscores the token the model likes best, wherever that one leads
+    save_file(weights, biased / "model.safetensors", metadata={"format": "pt"})
+    ct2 = export_ct2.export(biased, tmp_path / "ct2")
+    assert set(raw_ids(ct2)) & set(domain)  # the precondition: left to itself, this model emits domain tokens
+    model = DomainWhisperModel(ct2, domain="normal", compute_type="float32")
+    model.model._model = generated = Generated(model.model._model)
+    for without_timestamps in (True, False):
+        segments = list(model.transcribe(clip, without_timestamps=without_timestamps,
+                                         condition_on_previous_text=False, **DECODE)[0])
+        # a domain id read as a timestamp is a time past the window's 30.00 s
+        assert all(s.end <= 30.0 and "<|domain:" not in s.text and not set(s.tokens) & set(domain)
+                   for s in segments), [(s.start, s.end, s.text, s.tokens) for s in segments]
+    list(BatchedInferencePipeline(model).transcribe(clip, clip_timestamps=[{"start": 0.0, "end": 3.0}],
+                                                    batch_size=1, **DECODE)[0])
+    # ctranslate2 returns the prompt from the task token on: its own domain token first, then what was generated
+    n = len(model.domain_ids)
+    assert generated.ids and all(ids[:n] == model.domain_ids for ids in generated.ids)
+    assert not any(set(ids[n:]) & set(domain) for ids in generated.ids)

@@ -13,7 +13,10 @@
 faster-whisper's own `prefix=` reaches the first 30 s window only, and its batched pipeline
 ignores it. `DomainWhisperModel` puts the domain token into the prompt of every window, in
 both, and takes it out of what the decoder returns (its id lies above the timestamps, and
-faster-whisper would read it as one). It also pads the last window's log-mel frames with the
+faster-whisper would read it as one). Every domain token is suppressed in generation (and
+every timestamp token when the prompt has <|notimestamps|>): faster-whisper's own
+`suppress_tokens` holds neither, and a domain token generated mid-text would be read as a
+timestamp, splitting or dropping text. It also pads the last window's log-mel frames with the
 log-mel of silence, as Whisper, transformers and training do (faster-whisper pads with 0.0,
 which changes some transcripts). This file needs only faster-whisper and the standard
 library (no torch, no transformers): a deployment may copy it without wdx. The command line
@@ -43,7 +46,12 @@ class DomainWhisperModel(WhisperModel):
         domain_ids = domain_suffix(Path(model_dir), domain)  # refused before the model loads
         super().__init__(str(model_dir), **kwargs)
         self.domain_ids = domain_ids
-        self.model = _WithoutDomainToken(self.model, self.domain_ids)
+        vocab = self.hf_tokenizer.get_vocab()
+        every_domain = sorted(i for token, i in vocab.items() if token.startswith("<|domain:"))
+        notimestamps = vocab["<|notimestamps|>"]
+        # timestamps: every id after <|notimestamps|> up to the first domain token (the end of the vocabulary)
+        timestamps = range(notimestamps + 1, every_domain[0] if every_domain else self.hf_tokenizer.get_vocab_size())
+        self.model = _WithoutDomainToken(self.model, self.domain_ids, every_domain, notimestamps, timestamps)
 
     def get_prompt(self, tokenizer, previous_tokens, without_timestamps=False, prefix=None, hotwords=None):
         prompt = super().get_prompt(tokenizer, previous_tokens, without_timestamps, prefix, hotwords)
@@ -84,20 +92,27 @@ def pad_with_silence(features: np.ndarray) -> np.ndarray:
 
 
 class _WithoutDomainToken:
-    """The ctranslate2 model, except that results do not start with the domain token.
+    """The ctranslate2 model, except that no domain token is generated (nor a timestamp when
+    the prompt asks for none), and results do not start with the prompt's domain token.
 
     ctranslate2 returns the prompt's tokens after the task token; a domain id is above the
     timestamp ids, so faster-whisper would take it for a timestamp and split segments at it.
     """
 
-    def __init__(self, model, domain_ids: list[int]) -> None:
+    def __init__(self, model, domain_ids: list[int], every_domain: list[int] = (), notimestamps: int | None = None,
+                 timestamps: range = range(0)) -> None:
         self._model, self._ids = model, domain_ids
+        self._every_domain, self._notimestamps, self._timestamps = list(every_domain), notimestamps, timestamps
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
-    def generate(self, *args, **kwargs):
-        results = self._model.generate(*args, **kwargs)
+    def generate(self, features, prompts, **kwargs):
+        suppress = [*(kwargs.get("suppress_tokens") or []), *self._every_domain]
+        if all(self._notimestamps in prompt for prompt in prompts):
+            suppress += self._timestamps
+        kwargs["suppress_tokens"] = sorted(set(suppress))
+        results = self._model.generate(features, prompts, **kwargs)
         n = len(self._ids)
         if not n:
             return results
