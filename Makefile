@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 .PHONY: install test test-fast lint demo
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-model.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deploy.txt requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt

@@ -201,3 +201,22 @@ def test_a_model_biased_to_emit_a_domain_token_never_gets_one_into_text_or_times
     n = len(model.domain_ids)
     assert generated.ids and all(ids[:n] == model.domain_ids for ids in generated.ids)
     assert not any(set(ids[n:]) & set(domain) for ids in generated.ids)
+
+
+def test_an_untested_faster_whisper_is_refused_in_one_line(trained, monkeypatch):
+    # issue 34.5: wdx.deploy overrides faster-whisper internals; another version fails silently, not loudly
+    import importlib.metadata
+
+    from wdx import deploy
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.3.0" if name == "faster-whisper" else real(name))
+    with pytest.raises(ValueError, match=r"^faster-whisper 1\.3\.0 is installed; wdx\.deploy is tested with "
+                                         r"faster-whisper==1\.2\.1 only \(pip install -r requirements-deploy\.txt\)$"):
+        DomainWhisperModel(trained[1], domain="normal", compute_type="float32")
+    from pathlib import Path
+
+    requirements = Path(__file__).resolve().parents[1] / "requirements-deploy.txt"
+    pins = {line.split("==")[0]: line.split("==")[1].strip() for line in requirements.read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert {k: pins[k] for k in deploy.TESTED} == deploy.TESTED  # one range: the file's pins

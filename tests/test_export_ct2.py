@@ -61,6 +61,11 @@ def test_export_refuses_what_it_cannot_convert_in_one_line(varied_final, tmp_pat
     assert export_ct2.main([str(tmp_path), str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.strip() == (f"wdx.export_ct2: error: {tmp_path}: no config.json; not a model "
                                                "directory (use RUN/final, or --export a checkpoint)")
+    # issue 34.7: a Hub id was told "no config.json; not a model directory"
+    assert export_ct2.main(["openai/whisper-base", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == ("wdx.export_ct2: error: openai/whisper-base: no such directory; "
+                                               "wdx.export_ct2 exports a local model directory (RUN/final, or a Hub "
+                                               "model downloaded first)")
     import shutil
 
     bare = shutil.copytree(varied_final, tmp_path / "bare")

@@ -27,6 +27,7 @@ faster-whisper's VAD (each speech chunk a window).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel, decode_audio
 
 PROMPTS_FILE = "domain_prompts.json"  # written by wdx.export_ct2
+# what this file is tested with (requirements-deploy.txt): it reads faster-whisper's internals
+TESTED = {"faster-whisper": "1.2.1", "ctranslate2": "4.8.5"}
 SILENCE_FLOOR = -1.5  # (log10(1e-10) + 4) / 4: the normalised log-mel of digital silence
 
 
@@ -43,6 +46,7 @@ class DomainWhisperModel(WhisperModel):
     """faster_whisper.WhisperModel whose every decoding prompt ends with the domain token."""
 
     def __init__(self, model_dir: str | Path, domain: str | None = None, **kwargs) -> None:
+        check_versions()
         domain_ids = domain_suffix(Path(model_dir), domain)  # refused before the model loads
         super().__init__(str(model_dir), **kwargs)
         self.domain_ids = domain_ids
@@ -60,6 +64,17 @@ class DomainWhisperModel(WhisperModel):
 
     def encode(self, features: np.ndarray):
         return super().encode(pad_with_silence(features))
+
+
+def check_versions() -> None:
+    """Refuse, in one line, a faster-whisper or ctranslate2 this file was not tested with: it
+    overrides `get_prompt` and reads the results of `model.generate`, which another version may
+    change without an error, only wrong prompts or text."""
+    for name, tested in TESTED.items():
+        have = importlib.metadata.version(name)
+        if have != tested:
+            raise ValueError(f"{name} {have} is installed; wdx.deploy is tested with {name}=={tested} only "
+                             "(pip install -r requirements-deploy.txt)")
 
 
 def domain_suffix(model_dir: Path, domain: str | None) -> list[int]:

@@ -31,6 +31,9 @@ class ExportError(ValueError):
 
 
 def check_source(final: Path) -> None:
+    if not final.is_dir():  # a Hub id (openai/whisper-base) reads as a missing config.json, which misleads
+        raise ExportError(f"{final}: no such directory; wdx.export_ct2 exports a local model directory (RUN/final, "
+                          "or a Hub model downloaded first)")
     config = final / "config.json"
     if not config.is_file():
         raise ExportError(f"{final}: no config.json; not a model directory (use RUN/final, or --export a checkpoint)")
