@@ -220,3 +220,25 @@ def test_an_untested_faster_whisper_is_refused_in_one_line(trained, monkeypatch)
     pins = {line.split("==")[0]: line.split("==")[1].strip() for line in requirements.read_text().splitlines()
             if "==" in line and not line.startswith("#")}
     assert {k: pins[k] for k in deploy.TESTED} == deploy.TESTED  # one range: the file's pins
+
+
+def test_a_long_file_s_last_window_is_padded_with_the_whole_file_s_silence_as_transformers_does(trained,
+                                                                                                monkeypatch):
+    # issue 34.4: the padding took the last window's own maximum; Whisper clamps (and so sets silence) by the input's
+    from transformers import WhisperFeatureExtractor
+
+    _, ct2 = trained
+    audio = np.concatenate([speechlike(10.0, 16000, seed=4), 0.02 * speechlike(30.0, 16000, seed=5)])  # loud, quiet
+    model = DomainWhisperModel(ct2, domain="normal", compute_type="float32")
+    whole = model.feature_extractor(audio)[..., :-1]  # as faster-whisper's transcribe computes it, then slices
+    window = pad_or_trim(whole[:, 3000:])
+    theirs = WhisperFeatureExtractor(feature_size=80)(np.pad(audio, (0, 20 * 16000)), sampling_rate=16000,
+                                                      padding="longest", truncation=False,
+                                                      return_tensors="np").input_features[0][:, 3000:6000]
+    end = 1000 - 2  # the audio's last frames: faster-whisper drops the 2 whose window reaches past it
+    encoded = []
+    monkeypatch.setattr(WhisperModel, "encode", lambda self, features: encoded.append(features))
+    model.encode(window)  # what DomainWhisperModel hands ctranslate2 for this window
+    ours = encoded[0]
+    assert np.abs(ours - theirs)[:, :end].max() < 1e-4 and np.abs(ours - theirs)[:, end + 4:].max() < 1e-6
+    assert np.abs(pad_with_silence(window) - theirs)[:, end + 4:].max() > 0.1  # the window's own maximum: not it

@@ -40,6 +40,7 @@ PROMPTS_FILE = "domain_prompts.json"  # written by wdx.export_ct2
 # what this file is tested with (requirements-deploy.txt): it reads faster-whisper's internals
 TESTED = {"faster-whisper": "1.2.1", "ctranslate2": "4.8.5"}
 SILENCE_FLOOR = -1.5  # (log10(1e-10) + 4) / 4: the normalised log-mel of digital silence
+WINDOW_FRAMES = 3000  # log-mel frames of Whisper's 30 s window
 
 
 class DomainWhisperModel(WhisperModel):
@@ -56,6 +57,7 @@ class DomainWhisperModel(WhisperModel):
         # timestamps: every id after <|notimestamps|> up to the first domain token (the end of the vocabulary)
         timestamps = range(notimestamps + 1, every_domain[0] if every_domain else self.hf_tokenizer.get_vocab_size())
         self.model = _WithoutDomainToken(self.model, self.domain_ids, every_domain, notimestamps, timestamps)
+        self.feature_extractor = _LargestValue(self.feature_extractor)
 
     def get_prompt(self, tokenizer, previous_tokens, without_timestamps=False, prefix=None, hotwords=None):
         prompt = super().get_prompt(tokenizer, previous_tokens, without_timestamps, prefix, hotwords)
@@ -63,7 +65,11 @@ class DomainWhisperModel(WhisperModel):
         return prompt[:at] + self.domain_ids + prompt[at:]
 
     def encode(self, features: np.ndarray):
-        return super().encode(pad_with_silence(features))
+        # one sequential transcription of a file over 30 s: its windows are slices of one log-mel, whose
+        # largest value sets the log-mel of silence (Whisper's clamp), not each window's own
+        whole = self.feature_extractor.last
+        long_file = whole is not None and whole[1] > WINDOW_FRAMES + 1
+        return super().encode(pad_with_silence(features, whole[0] if long_file else None))
 
 
 def check_versions() -> None:
@@ -94,16 +100,34 @@ def domain_suffix(model_dir: Path, domain: str | None) -> list[int]:
     return prompts[domain]["ids"][tokens.index("<|notimestamps|>") + 1:]
 
 
-def pad_with_silence(features: np.ndarray) -> np.ndarray:
+def pad_with_silence(features: np.ndarray, largest: float | None = None) -> np.ndarray:
     """Replace faster-whisper's padding (trailing frames of exactly 0.0 in every mel bin, which
-    no real frame has) with the log-mel of silence: max(floor, clip maximum - 2)."""
+    no real frame has) with the log-mel of silence: max(floor, maximum - 2), the maximum being
+    `largest` (that of the whole file the window was cut from, as Whisper and transformers
+    clamp a long input) or else each item's own (a clip of at most 30 s)."""
     features = np.array(features, dtype=np.float32, copy=True)
     for item in features.reshape(-1, *features.shape[-2:]):
         speech = np.flatnonzero(np.any(item != 0.0, axis=0))
         end = speech[-1] + 1 if len(speech) else 0
         if end < item.shape[-1]:
-            item[:, end:] = max(SILENCE_FLOOR, float(item[:, :end].max()) - 2.0) if end else SILENCE_FLOOR
+            top = largest if largest is not None else float(item[:, :end].max()) if end else None
+            item[:, end:] = SILENCE_FLOOR if top is None else max(SILENCE_FLOOR, top - 2.0)
     return features
+
+
+class _LargestValue:
+    """faster-whisper's feature extractor, remembering (largest value, frames) of its last result."""
+
+    def __init__(self, extractor) -> None:
+        self._extractor, self.last = extractor, None
+
+    def __getattr__(self, name: str):
+        return getattr(self._extractor, name)
+
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        features = self._extractor(*args, **kwargs)
+        self.last = (float(features.max()), features.shape[-1]) if features.size else None
+        return features
 
 
 class _WithoutDomainToken:
