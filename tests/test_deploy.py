@@ -160,6 +160,7 @@ def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tm
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
+@pytest.mark.filterwarnings("ignore:DomainWhisperModel.transcribe")  # timestamps on, on purpose
 def test_a_model_biased_to_emit_a_domain_token_never_gets_one_into_text_or_times(trained, tmp_path):
     # issue 34.1: faster-whisper's suppress_tokens holds no domain id; one generated mid-text is read as a timestamp
     from collections import Counter
@@ -242,3 +243,20 @@ def test_a_long_file_s_last_window_is_padded_with_the_whole_file_s_silence_as_tr
     ours = encoded[0]
     assert np.abs(ours - theirs)[:, :end].max() < 1e-4 and np.abs(ours - theirs)[:, end + 4:].max() < 1e-6
     assert np.abs(pad_with_silence(window) - theirs)[:, end + 4:].max() > 0.1  # the window's own maximum: not it
+
+
+def test_transcribe_defaults_to_the_trained_decoding_and_says_what_an_override_changes(trained, recwarn):
+    # issue 34.3: faster-whisper's defaults (timestamps, previous text, 5 beams + fallback) are prompts never trained
+    _, ct2 = trained
+    model = DomainWhisperModel(ct2, domain="dyslexic", compute_type="float32")
+    model.model._model = spy = Spy(model.model._model)
+    clip = speechlike(2.0, 16000, seed=6)
+    plain = texts(model.transcribe(clip, language="ko")[0])
+    expected = json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text())["dyslexic"]["ids"]
+    assert spy.prompts == [expected] and not recwarn.list  # the trained prompt, nothing said
+    assert plain == texts(model.transcribe(clip, "ko", without_timestamps=True, beam_size=1, temperature=0.0,
+                                           condition_on_previous_text=False)[0]) and not recwarn.list
+    with pytest.warns(UserWarning, match=r"^DomainWhisperModel.transcribe: beam_size=5, without_timestamps=False "
+                                         r"instead of the decoding the model was trained and evaluated with "
+                                         r"\(beam_size=1, without_timestamps=True\)$"):
+        model.transcribe(clip, language="ko", beam_size=5, without_timestamps=False)

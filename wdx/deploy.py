@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +43,10 @@ PROMPTS_FILE = "domain_prompts.json"  # written by wdx.export_ct2
 TESTED = {"faster-whisper": "1.2.1", "ctranslate2": "4.8.5"}
 SILENCE_FLOOR = -1.5  # (log10(1e-10) + 4) / 4: the normalised log-mel of digital silence
 WINDOW_FRAMES = 3000  # log-mel frames of Whisper's 30 s window
+GREEDY = dict(beam_size=1, temperature=0.0)  # as wdx decodes; faster-whisper's default is 5 beams + fallback
+# DomainWhisperModel.transcribe's defaults: the prompt the model was trained on (no timestamps, no previous text in
+# front of it) and greedy decoding, as training evaluated; faster-whisper's own give prompts it never saw
+TRAINED = dict(without_timestamps=True, condition_on_previous_text=False, **GREEDY)
 
 
 class DomainWhisperModel(WhisperModel):
@@ -58,6 +64,19 @@ class DomainWhisperModel(WhisperModel):
         timestamps = range(notimestamps + 1, every_domain[0] if every_domain else self.hf_tokenizer.get_vocab_size())
         self.model = _WithoutDomainToken(self.model, self.domain_ids, every_domain, notimestamps, timestamps)
         self.feature_extractor = _LargestValue(self.feature_extractor)
+
+    def transcribe(self, audio, *args, **kwargs):
+        """faster-whisper's transcribe, with the decoding the model was trained and evaluated with
+        as the default (`TRAINED`: the trained prompt, greedy, no fallback, no previous text); an
+        argument that differs is honoured, with one warning naming it."""
+        kwargs = inspect.signature(WhisperModel.transcribe).bind_partial(self, audio, *args, **kwargs).arguments
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("self", "audio")}
+        differs = {k: v for k, v in kwargs.items() if k in TRAINED and v != TRAINED[k]}
+        if differs:
+            warnings.warn("DomainWhisperModel.transcribe: " + ", ".join(f"{k}={v!r}" for k, v in differs.items())
+                          + " instead of the decoding the model was trained and evaluated with ("
+                          + ", ".join(f"{k}={TRAINED[k]!r}" for k in differs) + ")", stacklevel=2)
+        return super().transcribe(audio, **{**TRAINED, **kwargs})
 
     def get_prompt(self, tokenizer, previous_tokens, without_timestamps=False, prefix=None, hotwords=None):
         prompt = super().get_prompt(tokenizer, previous_tokens, without_timestamps, prefix, hotwords)
@@ -165,15 +184,13 @@ class _WithoutDomainToken:
         return out
 
 
-GREEDY = dict(beam_size=1, temperature=0.0)  # as wdx decodes; faster-whisper's default is 5 beams + fallback
 
 
 def transcribe(model: DomainWhisperModel, path: str, language: str = "ko", batch_size: int = 8) -> str:
     """One file's text: up to 30 s in one window, longer files through the batched pipeline with VAD."""
     audio = decode_audio(path)
     if len(audio) <= 30 * 16000:
-        segments, _ = model.transcribe(audio, language=language, without_timestamps=True,
-                                       condition_on_previous_text=False, **GREEDY)
+        segments, _ = model.transcribe(audio, language=language)  # TRAINED by default
     else:
         segments, _ = BatchedInferencePipeline(model).transcribe(audio, language=language, batch_size=batch_size,
                                                                  **GREEDY)
