@@ -250,28 +250,31 @@ def to_sample(row: dict, where: str, base: Path, index: int, reading: Reading = 
     return row["split"], members
 
 
-class Skipped:
-    """Rows that could not be packed: counted by reason, listed with their line, and the
-    verdict on the share (--max-skip-fraction) of the manifest's `total` rows."""
+SKIP_LOG_LIMIT = 20  # skipped rows logged one by one; all are listed in the .skipped.tsv
 
-    def __init__(self, total: int, max_fraction: float) -> None:
-        self.total, self.max_fraction = total, max_fraction
+
+class Skipped:
+    """Rows of `manifest` that could not be packed: counted by reason, listed with their line,
+    and the verdict on the share (--max-skip-fraction) of its `total` rows."""
+
+    def __init__(self, manifest: Path, total: int, max_fraction: float) -> None:
+        self.manifest, self.total, self.max_fraction = manifest, total, max_fraction
         self.counts: Counter = Counter()
-        self.rows: list[tuple[str, str, str]] = []  # (where, reason, message)
+        self.rows: list[tuple[int, str, str]] = []  # (manifest line, reason, message)
         self.kspon_looking = 0  # packed rows whose plain text carries Kspon markup (warned once, at the end)
 
-    def add(self, where: str, error: RowError) -> None:
-        self.counts[error.reason] += 1
-        self.rows.append((where, error.reason, str(error)))
+    def add(self, line: int, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        self.rows.append((line, reason, message))
         if len(self.rows) <= SKIP_LOG_LIMIT:
-            log.warning("skipped %s", error)
+            log.warning("skipped %s", message)
 
     @property
     def too_many(self) -> bool:
         return len(self.rows) > self.max_fraction * self.total
 
     def refusal(self) -> ManifestError:
-        first = min(self.rows, key=lambda r: int(r[0].rsplit(":", 1)[1]))  # by line (rows are packed shuffled)
+        first = min(self.rows)  # by line: rows are packed shuffled
         return ManifestError(f"{len(self.rows)} of {self.total} rows cannot be packed, more than --max-skip-fraction "
                              f"{self.max_fraction:g} ({self.summary()}); the first: {first[2]}")
 
@@ -282,11 +285,8 @@ class Skipped:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write("line\treason\twhat\n")
-            f.writelines(f"{where}\t{reason}\t{' '.join(message.split())}\n" for where, reason, message in
-                         sorted(self.rows, key=lambda r: int(r[0].rsplit(":", 1)[1])))
-
-
-SKIP_LOG_LIMIT = 20
+            f.writelines(f"{self.manifest}:{line}\t{reason}\t{' '.join(message.split())}\n"
+                         for line, reason, message in sorted(self.rows))
 
 
 def skipped_list(manifest: Path, out: Path) -> Path:
@@ -313,12 +313,12 @@ def pack(manifest: Path, out: Path, max_count: int, max_bytes: int, seed: int | 
         split = str(row.get("split") or reading.split or "").strip() if "__bad__" not in row else ""
         by_split.setdefault(split, []).append((n, row))
         total += 1
-    skipped = Skipped(total, max_skip_fraction)
+    skipped = Skipped(manifest, total, max_skip_fraction)
     for split in by_split:
         if split and (out / split / METADATA).exists():
             raise ManifestError(f"{out / split}: already holds a dataset; choose another output root")
-    for n, row in by_split.pop("", []):  # no split to put them in: say why
-        _merge(skipped, pack_unit(out, -1, [(0, n, row)], manifest, base, reading, max_bytes, dry=True))
+    for n, row in by_split.pop("", []):  # no split to put them in: to_sample says why (and writes nothing)
+        _merge(skipped, pack_unit(out, -1, [(0, n, row)], manifest, base, reading, max_bytes))
     written = {}
     with _pool(workers) as pool:
         for split, split_rows in by_split.items():
@@ -370,24 +370,23 @@ def _pack_units(pool, units: list[tuple], skipped: Skipped, split: str) -> list[
     return shards
 
 
-def _merge(skipped: Skipped, result: tuple[list[dict], list[tuple[str, str, str]], int]) -> list[dict]:
+def _merge(skipped: Skipped, result: tuple[list[dict], list[tuple[int, str, str]], int]) -> list[dict]:
     shards, rows, kspon_looking = result
-    for where, reason, message in rows:
-        skipped.add(where, RowError(reason, message))
+    for row in rows:
+        skipped.add(*row)
     skipped.kspon_looking += kspon_looking
     return shards
 
 
-def _pack_unit_task(args: tuple) -> tuple[list[dict], list[tuple[str, str, str]], int]:
-    return pack_unit(*args)
+def _pack_unit_task(args: tuple) -> tuple[list[dict], list[tuple[int, str, str]], int]:
+    return pack_unit(*args)  # Pool.imap passes one argument
 
 
 def pack_unit(out_dir: Path, unit: int, rows: list[tuple[int, int, dict]], manifest: Path, base: Path,
-              reading: Reading, max_bytes: int,
-              dry: bool = False) -> tuple[list[dict], list[tuple[str, str, str]], int]:
-    """Pack one unit of rows (index in the split, manifest line, row) into its shard files (`dry`: only
-    check them). Returns (shard entries, skipped rows as (where, reason, message), the count of
-    rows whose plain text looks like Kspon markup)."""
+              reading: Reading, max_bytes: int) -> tuple[list[dict], list[tuple[int, str, str]], int]:
+    """Pack one unit of rows (index in the split, manifest line, row) into its shard files.
+    Returns (shard entries, skipped rows as (line, reason, message), the count of rows whose
+    plain text looks like Kspon markup)."""
     writer = ShardWriter(out_dir, lambda k: f"shard_{unit:06d}.tar" if k == 0 else f"shard_{unit:06d}_{k}.tar",
                          max_count=len(rows) + 1, max_bytes=max_bytes)
     skips, kspon_looking = [], 0
@@ -397,12 +396,11 @@ def pack_unit(out_dir: Path, unit: int, rows: list[tuple[int, int, dict]], manif
             try:
                 members = to_sample(row, where, base, i, reading)[1]
             except RowError as exc:
-                skips.append((where, exc.reason, str(exc)))
+                skips.append((n, exc.reason, str(exc)))
                 continue
             if reading.convention == PLAIN:
                 kspon_looking += looks_kspon(members["txt"].decode("utf-8"))
-            if not dry:
-                writer.write(members)
+            writer.write(members)
     finally:
         shards = writer.close()
     return shards, skips, kspon_looking
