@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 RATE = 16000
 MAX_SAMPLES = 30 * RATE
-HOP = 160  # Whisper's log-mel frames are 10 ms
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,9 @@ class Augmenter:
             audio = add_noise(audio, rng, rng.uniform(*self.snr_db), self.noise)
         out = {**sample, "audio": audio.astype(np.float32, copy=False)}
         if self.spec is not None:
-            out["spec_masks"] = spec_masks(self.spec, rng, self.n_mels, length=-(-len(audio) // HOP))
+            from .features import HOP_LENGTH  # here: wdx.config imports this module, and features imports torch
+
+            out["spec_masks"] = spec_masks(self.spec, rng, self.n_mels, length=-(-len(audio) // HOP_LENGTH))
         return out
 
 

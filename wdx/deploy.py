@@ -157,8 +157,8 @@ class _WithoutDomainToken:
     timestamp ids, so faster-whisper would take it for a timestamp and split segments at it.
     """
 
-    def __init__(self, model, domain_ids: list[int], every_domain: list[int] = (), notimestamps: int | None = None,
-                 timestamps: range = range(0)) -> None:
+    def __init__(self, model, domain_ids: list[int], every_domain: list[int], notimestamps: int,
+                 timestamps: range) -> None:
         self._model, self._ids = model, domain_ids
         self._every_domain, self._notimestamps, self._timestamps = list(every_domain), notimestamps, timestamps
 
