@@ -63,3 +63,32 @@ def test_the_faster_whisper_snippet_as_written(trained, tmp_path, monkeypatch, c
     first, second = capsys.readouterr().out.splitlines()
     assert same_start(Transcriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], first)
     assert second  # the VAD decides the windows here; tests/test_deploy.py checks each window's prompt
+
+
+def test_the_corpus_scale_figures_in_the_readme_are_those_of_bench_json():
+    # every figure of "A corpus of KsponSpeech's size" as the README prints it, from the runs it names
+    text = " ".join(README.split())
+    pack = json.loads((ROOT / "bench" / "pack.json").read_text())
+    for n, r in pack["sizes"].items():
+        row = (f"| {int(n):,} | {r['seconds']:.1f} | {r['files_per_s']:,.0f} ({r['files_per_s_per_worker']:,.0f}) | "
+               f"{r['audio_mb_per_s']:.0f} | {r['main_peak_mb']:.0f} / {r['worker_peak_mb']:.0f} / "
+               f"{r['all_processes_peak_mb']:.0f} MB | {'yes' if r['torch_imported'] else 'no'} |")
+        assert row in text, row
+    p = pack["projection"]
+    for figure in (f"({p['main_kb_per_row']:.2f} KB a row)", f"projects to {p['main_peak_mb_at_kspon']:.0f} MB",
+                   f"to {p['seconds_per_worker_at_kspon']:,.0f} s of one worker's time: "
+                   f"{p['seconds_per_worker_at_kspon'] / 3600:.2f} h"):
+        assert figure in text, figure
+    scale = json.loads((ROOT / "bench" / "scale.json").read_text())
+    first, run = scale["first_step"], scale["run"]
+    for figure in (f"{first['20000']['seconds']:.2f} s after start at 20,000 rows and "
+                   f"{first['100000']['seconds']:.2f} s at 100,000",
+                   f"peak RSS of {first['100000']['main_peak_mb']:,.0f} MB both times (largest loader worker "
+                   f"{first['100000']['worker_peak_mb']:.0f} MB)",
+                   f"{run['seconds']:.0f} s ({run['seconds_per_step']:.2f} s a step",
+                   f"RSS {run['main_peak_mb']:,.0f} MB (loader worker {run['worker_peak_mb']:.0f} MB), metrics.jsonl "
+                   f"{run['metrics_bytes']:,} bytes and {run['log_bytes']:,} bytes of log",
+                   f"(largest difference {scale['resume']['max_abs_diff']})"):
+        assert figure in text, figure
+    assert scale["resume"]["losses_equal"] and round(first["20000"]["main_peak_mb"]) == round(
+        first["100000"]["main_peak_mb"])  # "both times"
