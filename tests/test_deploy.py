@@ -11,11 +11,11 @@ from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
-from tests.conftest import same_start, speechlike
+from tests.conftest import TEXTS, same_start, speechlike
 from wdx import export_ct2
 from wdx.deploy import DomainWhisperModel, domain_suffix, pad_with_silence
 from wdx.features import log_mel
-from wdx.inference import Transcriber
+from wdx.inference import HFTranscriber
 from wdx.longform import split_at_pauses
 
 DECODE = dict(language="ko", beam_size=1, temperature=0.0)  # greedy, as wdx decodes
@@ -58,6 +58,10 @@ def test_faster_whisper_loads_the_export_as_multilingual_and_prefix_sends_the_tr
     assert model.model.is_multilingual  # else faster-whisper replaces language="ko" with "en" (wdx.tiny real_ids)
     language, _, _ = model.detect_language(speechlike(2.0, 16000))  # IndexError when the export had no lang_ids
     assert f"<|{language}|>" in model.hf_tokenizer.get_vocab()
+    # issue 34.7: the languages are counted from the export's lang_ids, not from the vocabulary's size (which
+    # the domain tokens grow): large-v3's 100, as the base model has
+    assert model.model.num_languages == 100
+    assert len(json.loads((ct2 / "config.json").read_text())["lang_ids"]) == 100
     tokenizer = Tokenizer(model.hf_tokenizer, True, task="transcribe", language="ko")
     for domain, prompt in json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text()).items():
         token = prompt["tokens"][-1]
@@ -66,7 +70,7 @@ def test_faster_whisper_loads_the_export_as_multilingual_and_prefix_sends_the_tr
 
 def test_short_clips_decode_as_wdx_transcribe_does_with_each_domain(trained):
     final, ct2 = trained
-    ours = Transcriber(final, max_new_tokens=40)
+    ours = HFTranscriber(final, max_new_tokens=40)
     clips = [speechlike(1.0 + i, 16000, seed=i) for i in range(3)]
     by_domain = {}
     for domain in ("normal", "dyslexic"):
@@ -85,7 +89,7 @@ def test_every_window_of_a_long_file_has_the_domain_prompt_sequential_and_batche
     model = DomainWhisperModel(ct2, domain="dyslexic", compute_type="float32")
     model.model._model = spy = Spy(model.model._model)
     audio = np.concatenate([speechlike(20.0, 16000, seed=1), np.zeros(8000, np.float32), speechlike(20.0, 16000, 2)])
-    ours = Transcriber(final, max_new_tokens=40)
+    ours = HFTranscriber(final, max_new_tokens=40)
     expected = json.loads((ct2 / export_ct2.PROMPTS_FILE).read_text())["dyslexic"]["ids"]
 
     segments = list(model.transcribe(audio, without_timestamps=True, condition_on_previous_text=False, **DECODE)[0])
@@ -149,7 +153,7 @@ def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tm
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [files[0], files[2]]
-    assert same_start(Transcriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], lines[0].split("\t")[1])
+    assert same_start(HFTranscriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], lines[0].split("\t")[1])
     (err,) = [line for line in captured.err.splitlines() if line.startswith("wdx.deploy:")]  # (and library logs)
     assert err.startswith(f"wdx.deploy: skipped {files[1]}: ")
     capsys.readouterr()
@@ -260,3 +264,49 @@ def test_transcribe_defaults_to_the_trained_decoding_and_says_what_an_override_c
                                          r"instead of the decoding the model was trained and evaluated with "
                                          r"\(beam_size=1, without_timestamps=True\)$"):
         model.transcribe(clip, language="ko", beam_size=5, without_timestamps=False)
+
+
+class Aligned(Spy):
+    """The ctranslate2 model, recording the token sequences it is asked to align."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.aligned = []
+
+    def align(self, features, start_sequence, text_tokens, num_frames, **kwargs):
+        self.aligned += [list(start_sequence) + list(t) for t in text_tokens]
+        return self.model.align(features, start_sequence, text_tokens, num_frames, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:DomainWhisperModel.transcribe")
+def test_word_timestamps_are_aligned_under_the_trained_prompt(trained):
+    # issue 34.2: faster-whisper aligns sot, <|ko|>, <|transcribe|>, <|notimestamps|>, text: no domain token
+    _, ct2 = trained
+    clip = speechlike(3.0, 16000, seed=5)
+    model = DomainWhisperModel(ct2, domain="dyslexic", compute_type="float32")
+    plain = WhisperModel(str(ct2), compute_type="float32")
+    model.model._model = spy = Aligned(model.model._model)
+    segments = list(model.transcribe(clip, word_timestamps=True, **DECODE)[0])
+    words = [w for s in segments for w in s.words]
+    assert words and "".join(w.word for w in words) == "".join(s.text for s in segments)
+    assert all(0.0 <= w.start <= w.end <= 3.0 for w in words)
+    # ctranslate2 puts <|notimestamps|> after the start sequence: the domain ids come right after it
+    start = [plain.hf_tokenizer.token_to_id(t) for t in ("<|startoftranscript|>", "<|ko|>", "<|transcribe|>")]
+    prompt = [*start, *model.domain_ids]
+    assert spy.aligned and all(a[:len(prompt)] == prompt for a in spy.aligned), spy.aligned
+
+    # a text of several words aligned with and without the domain token (faster-whisper's own WhisperModel)
+    from faster_whisper.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(plain.hf_tokenizer, True, "transcribe", "ko")
+    text = tokenizer.encode(" " + TEXTS[0])
+    features = pad_or_trim(plain.feature_extractor(clip)[:, :-1])[None]
+    frames = len(clip) // 160
+
+    def times(m):
+        return [(w["word"], w["start"], w["end"]) for w in m.find_alignment(tokenizer, [text], m.encode(features),
+                                                                          frames)[0]]
+
+    ours, theirs = times(model), times(plain)
+    assert [w for w, _, _ in ours] == [w for w, _, _ in theirs] == [" " + w for w in TEXTS[0].split()]
+    assert ours != theirs  # the prompt reached the alignment heads

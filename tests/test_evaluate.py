@@ -276,10 +276,10 @@ def test_max_new_tokens_holds_for_a_final_that_also_stores_one(tiny_final, caplo
     from transformers import WhisperForConditionalGeneration
 
     from wdx.evaluation import generate
-    from wdx.inference import Transcriber
+    from wdx.inference import HFTranscriber
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_final).eval()
-    prompts = torch.tensor([Transcriber(tiny_final).prompt("normal")])
+    prompts = torch.tensor([HFTranscriber(tiny_final).prompt("normal")])
     features = torch.randn(1, 80, 3000)
     with caplog.at_level(logging.WARNING):
         assert generate(model, features, prompts, max_new_tokens=3).shape[1] <= 3

@@ -9,7 +9,8 @@ from tests.conftest import speechlike
 from tests.conftest import varied_final as make_varied_final
 from tests.test_evaluate import clips
 from wdx import export_ct2, transcribe
-from wdx.inference import Transcriber
+from wdx.ct2_inference import CT2Transcriber
+from wdx.inference import HFTranscriber
 
 DOMAINS = ("normal", "dyslexic")
 
@@ -27,14 +28,14 @@ def exported(varied_final, tmp_path_factory):
 
 def test_float32_export_decodes_exactly_as_the_hf_model_with_each_domain_prompt(varied_final, exported):
     audio = [speechlike(1.0 + i / 2, 16000, seed=i) for i in range(4)]
-    hf = Transcriber(varied_final, max_new_tokens=10)
-    ct2 = Transcriber(exported["float32"], max_new_tokens=10, backend="ct2")
+    hf = HFTranscriber(varied_final, max_new_tokens=10)
+    ct2 = CT2Transcriber(exported["float32"], max_new_tokens=10)
     by_domain = {}
     for d in DOMAINS:
         by_domain[d] = hf(audio, [d] * 4)
         assert ct2(audio, [d] * 4) == by_domain[d]
     assert by_domain["normal"] != by_domain["dyslexic"]  # the prompt reached both decoders
-    assert Transcriber(exported["int8"], max_new_tokens=10, backend="ct2")(audio, ["normal"] * 4)  # int8 runs
+    assert CT2Transcriber(exported["int8"], max_new_tokens=10)(audio, ["normal"] * 4)  # int8 runs
 
 
 def test_the_export_carries_tokenizer_mel_bins_and_the_prompts(varied_final, exported):
@@ -44,7 +45,7 @@ def test_the_export_carries_tokenizer_mel_bins_and_the_prompts(varied_final, exp
     prompts = json.loads((out / "domain_prompts.json").read_text())
     assert prompts["dyslexic"]["tokens"] == ["<|startoftranscript|>", "<|ko|>", "<|transcribe|>",
                                              "<|notimestamps|>", "<|domain:dyslexic|>"]
-    assert prompts["dyslexic"]["ids"] == Transcriber(varied_final).prompt("dyslexic")
+    assert prompts["dyslexic"]["ids"] == HFTranscriber(varied_final).prompt("dyslexic")
     assert json.loads((out / "preprocessor_config.json").read_text())["feature_size"] == 80
 
 
@@ -80,7 +81,7 @@ def test_the_transformers_pipeline_decodes_with_the_domain_prompt_as_wdx_does(va
 
     asr = pipeline("automatic-speech-recognition", model=str(varied_final), device="cpu")
     audio = speechlike(1.5, 16000, seed=1)
-    ours = Transcriber(varied_final, max_new_tokens=40)  # final/ allows 443 (test_train_loop); 40 is quicker
+    ours = HFTranscriber(varied_final, max_new_tokens=40)  # final/ allows 443 (test_train_loop); 40 is quicker
     texts = {}
     for d in DOMAINS:
         prompt = torch.tensor([ours.prompt(d)])
@@ -123,3 +124,30 @@ def test_a_space_before_the_domain_token_is_stripped_as_faster_whisper_encodes_t
             assert tokenizer.encode(" " + token, add_special_tokens=False).ids == [prompt["ids"][-1]], domain
     plain = Tokenizer.from_file(str(varied_final / "tokenizer.json"))
     assert len(plain.encode(" <|domain:dyslexic|>", add_special_tokens=False).ids) == 2  # final/ itself: unchanged
+
+
+def test_the_ct2_backend_imports_neither_torch_nor_transformers(exported, tmp_path):
+    # issue 34.6: wdx.transcribe --backend ct2 paid torch's memory (1.7 GB against faster-whisper's 316 MB)
+    import subprocess
+    import sys
+
+    from wdx.audio import encode_audio
+    from wdx.inputs import read_clip
+
+    path = tmp_path / "clip.flac"  # 44.1 kHz: resampled, without torchaudio
+    path.write_bytes(encode_audio(speechlike(1.5, 44100, seed=3), 44100, "flac"))
+    code = ("import runpy, sys\n"
+            "sys.argv = ['wdx.transcribe', *sys.argv[1:]]\n"
+            "try:\n"
+            "    runpy.run_module('wdx.transcribe', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as exc:\n"
+            "    status = exc.code\n"
+            "print('imported', sorted(m for m in ('torch', 'torchaudio', 'transformers') if m in sys.modules))\n"
+            "sys.exit(status)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(exported["int8"]), str(path), "--backend", "ct2",
+                           "--domain", "dyslexic", "--max-new-tokens", "6"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    line, imported = done.stdout.strip().splitlines()
+    assert imported == "imported []"
+    expected = CT2Transcriber(exported["int8"], max_new_tokens=6)([read_clip(path, lean=True)], ["dyslexic"])[0]
+    assert line == f"{path}\t[dyslexic] {expected}"

@@ -43,7 +43,7 @@ def trained_names(model_dir: str, layers: int) -> set[str]:
 def check_final(final: Path, base_model: str, layers: int) -> None:
     """final/ loads and transcribes; frozen weights are the base's (in the saved dtype), bit
     for bit; the domain-token rows moved; the trained blocks moved."""
-    from wdx.inference import Transcriber
+    from wdx.inference import HFTranscriber
 
     got, base = load_file(final / "model.safetensors"), load_file(Path(base_model) / "model.safetensors")
     trained = trained_names(base_model, layers)
@@ -60,7 +60,7 @@ def check_final(final: Path, base_model: str, layers: int) -> None:
             assert torch.equal(got[name], value.to(got[name].dtype)), name
     assert sum(not torch.equal(got[n], base[n].to(got[n].dtype)) for n in trained) == len(trained)
     clip = speechlike(1.5, 16000, seed=5).astype(np.float32)
-    out = Transcriber(final, max_new_tokens=4)([clip, clip], ["normal", "dyslexic"])
+    out = HFTranscriber(final, max_new_tokens=4)([clip, clip], ["normal", "dyslexic"])
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     suppressed = json.loads((final / "generation_config.json").read_text())["suppress_tokens"]
     assert {vocab, vocab + 1} <= set(suppressed)

@@ -11,7 +11,7 @@ import soundfile
 
 from tests.conftest import same_start, speechlike
 from wdx.demo import readme
-from wdx.inference import Transcriber
+from wdx.inference import HFTranscriber
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -46,7 +46,7 @@ def test_the_pipeline_snippet_as_written_short_clips_and_what_it_does_on_long_on
     with caplog.at_level(logging.WARNING):
         exec(code, scope)
     assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]  # one stored length: no warning
-    assert same_start(Transcriber(final, max_new_tokens=120)([clip], ["dyslexic"])[0], scope["text"].strip())
+    assert same_start(HFTranscriber(final, max_new_tokens=120)([clip], ["dyslexic"])[0], scope["text"].strip())
     soundfile.write(tmp_path / "clip.wav", np.concatenate([clip] * 20), 16000)  # 40 s: the README says it raises
     with pytest.raises(ValueError, match="timestamps"):
         exec(code, scope)
@@ -61,7 +61,7 @@ def test_the_faster_whisper_snippet_as_written(trained, tmp_path, monkeypatch, c
     code = snippet("DomainWhisperModel").replace('"OUT"', repr(str(export)))
     exec(code.replace('"int8"', '"float32"'), {})  # int8 changes this random model's tokens
     first, second = capsys.readouterr().out.splitlines()
-    assert same_start(Transcriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], first)
+    assert same_start(HFTranscriber(final, max_new_tokens=120)([short], ["dyslexic"])[0], first)
     assert second  # the VAD decides the windows here; tests/test_deploy.py checks each window's prompt
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .data import pad_audio
-from .domains import DOMAINS, domain_token
-from .model import PROMPT_TOKENS, max_text_tokens
+from .domains import DOMAINS, prompt_tokens
+from .model import max_text_tokens
 
 IGNORE = -100
 
@@ -33,7 +33,7 @@ def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def prompt_ids(tokenizer, language: str, domain: str | None) -> list[int]:
     """The prompt ids: the same at training, evaluation and inference. Five with the domain
     token; four for `domain=None` (a model trained with --domain-conditioning none)."""
-    tokens = [t.format(language=language) for t in PROMPT_TOKENS] + ([domain_token(domain)] if domain else [])
+    tokens = prompt_tokens(language, domain)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if tokenizer.unk_token_id in ids and tokenizer.unk_token not in tokens:
         raise ValueError(f"tokenizer lacks one of {tokens}")

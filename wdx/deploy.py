@@ -151,7 +151,8 @@ class _LargestValue:
 
 class _WithoutDomainToken:
     """The ctranslate2 model, except that no domain token is generated (nor a timestamp when
-    the prompt asks for none), and results do not start with the prompt's domain token.
+    the prompt asks for none), results do not start with the prompt's domain token, and word
+    timestamps are aligned under the trained prompt.
 
     ctranslate2 returns the prompt's tokens after the task token; a domain id is above the
     timestamp ids, so faster-whisper would take it for a timestamp and split segments at it.
@@ -183,7 +184,18 @@ class _WithoutDomainToken:
                 scores=r.scores, no_speech_prob=r.no_speech_prob))
         return out
 
-
+    def align(self, features, start_sequence, text_tokens, num_frames, **kwargs):
+        """faster-whisper's word timestamps: ctranslate2 aligns `start_sequence`, <|notimestamps|>,
+        the text; the domain ids go in front of the text, so the attention is read under the
+        prompt the model was trained on, and the row and probability of the domain token itself
+        are taken out (the results then index the text alone, as faster-whisper expects)."""
+        n = len(self._ids)
+        if not n:
+            return self._model.align(features, start_sequence, text_tokens, num_frames, **kwargs)
+        results = self._model.align(features, start_sequence, [self._ids + list(t) for t in text_tokens], num_frames,
+                                    **kwargs)
+        return [SimpleNamespace(alignments=[(i - n, j) for i, j in r.alignments if i >= n],
+                                text_token_probs=list(r.text_token_probs)[n:]) for r in results]
 
 
 def transcribe(model: DomainWhisperModel, path: str, language: str = "ko", batch_size: int = 8) -> str:

@@ -13,6 +13,8 @@ import re
 DOMAINS: tuple[str, ...] = ("normal", "dyslexic")  # --domains' default
 ROWS_INIT = 1.0  # --domain-rows-init's default (wdx.model.setup's too), chosen by measurement (README)
 AGGREGATE = "all"  # the row of every results table that pools the domains: no domain may have its name
+# The decoder prompt of training, evaluation and inference; the domain token follows (DESIGN.md)
+PROMPT_TOKENS = ("<|startoftranscript|>", "<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _TOKEN = re.compile(r"<\|domain:([a-z0-9][a-z0-9_-]{0,31})\|>")
 
@@ -23,6 +25,19 @@ def domain_token(domain: str) -> str:
 
 
 DOMAIN_TOKENS: tuple[str, ...] = tuple(domain_token(d) for d in DOMAINS)
+
+
+def prompt_tokens(language: str, domain: str | None) -> list[str]:
+    """The prompt's tokens: five with the domain token; four for `domain=None` (a model trained
+    with --domain-conditioning none)."""
+    return [t.format(language=language) for t in PROMPT_TOKENS] + ([domain_token(domain)] if domain else [])
+
+
+def check_prompt_domain(known: tuple[str, ...], domain: str) -> None:
+    """A model with domain tokens is prompted only with one of its own (a model without is
+    prompted without one, whatever the domain)."""
+    if known and domain not in known:
+        raise ValueError(f"domain {domain!r}: this model knows {', '.join(known)}")
 
 
 def parse_domains(value: str) -> tuple[str, ...]:

@@ -15,21 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from . import conventions, strictjson
-from .audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, resample, to_mono, unusable
+from .audio import AUDIO_EXTENSIONS
+from .backends import BACKENDS, Transcriber, default_device, open_transcriber
 from .conventions import PLAIN, Convention, convert
 from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader
 from .domains import DOMAINS
-from .inference import BACKENDS, Transcriber
+from .inputs import InputError, check_domain_flags, check_item_domains, check_output, read_clip, read_text
 from .longform import transcribe_long
 from .metrics import by_domain, cer, compare, format_comparison, format_table, prompt_table, row_id
 from .shards import DatasetError, load_split
@@ -37,40 +36,6 @@ from .text import normalize_text
 from .tracking import quiet_libraries
 
 log = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """An input file or list entry that cannot be evaluated (names it)."""
-
-
-def read_clip(path: str | Path, target_sr: int = 16000):
-    """A file's audio as mono float32 at `target_sr`, any length (wdx.longform cuts what is
-    longer than Whisper's 30 s into pieces)."""
-    path = Path(path)
-    ext = path.suffix.lower().lstrip(".")
-    if ext not in AUDIO_EXTENSIONS:
-        raise InputError(f"{path}: unsupported format .{ext} (expected {', '.join(AUDIO_EXTENSIONS)})")
-    try:
-        frames, rate = decode_audio(path.read_bytes(), ext)
-    except (OSError, AudioDecodeError) as exc:
-        raise InputError(f"{path}: {exc}") from None
-    if frames.shape[1] == 0:
-        raise InputError(f"{path}: no audio")
-    wave = to_mono(frames)
-    problem = unusable(wave)  # training skips such clips; a transcript of them would be noise
-    if problem:
-        raise InputError(f"{path}: {problem}")
-    return resample(wave, rate, target_sr)
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file (a byte-order mark dropped, as editors on Windows write it), or an InputError naming it."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
 
 
 def describe_references(convention: Convention) -> str:
@@ -134,36 +99,6 @@ def dir_items(folder: Path, domain: str) -> list[dict]:
     if not items:
         raise InputError(f"{folder}: no audio files")
     return items
-
-
-def check_domain_flags(transcriber: Transcriber, model, flags: list[str], domain: str | None = None) -> None:
-    """A model without domain tokens (trained with --domain-conditioning none, or a plain
-    Whisper) cannot be asked for a domain prompt, nor one for a domain it was not trained
-    with: one line, not a silent 4-token prompt."""
-    if flags and not transcriber.has_domains:
-        raise InputError(f"{model}: has no domain token (trained with --domain-conditioning none, or not by "
-                         f"train_loop.py); drop {' and '.join(flags)}")
-    if domain is not None and transcriber.has_domains and domain not in transcriber.domains:
-        raise InputError(f"--domain {domain}: {model} knows {', '.join(transcriber.domains)}")
-
-
-def check_item_domains(transcriber: Transcriber, items: list[dict], where: Path) -> None:
-    """Every listed clip's domain must be one the model was trained with (any, for a model without tokens)."""
-    unknown = sorted({i["domain"] for i in items} - set(transcriber.domains)) if transcriber.has_domains else []
-    if unknown:
-        raise InputError(f"{where}: unknown domain {unknown[0]!r} (the model knows {', '.join(transcriber.domains)})")
-
-
-def check_output(path: Path | None, flag: str = "--json") -> None:
-    """Fail before any work when results could not be written at the end."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a directory; name a file")
-    if not path.parent.is_dir():
-        raise InputError(f"{flag} {path}: directory {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"{flag} {path}: directory {path.parent} is not writable")
 
 
 def file_batches(items: list[dict], batch_size: int, skipped: Counter) -> Iterator[list[dict]]:
@@ -263,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
     conventions.add_flags(parser, "converted, and a second CER without fillers and marked repetitions")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when the backend sees a GPU)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
     parser.add_argument("--json", type=Path, help="write per-sample results and the tables here")
@@ -289,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             items = list_items(args.list, convention) if args.list else dir_items(args.dir, args.domain)
             total = len(items)
-        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
+        transcriber = open_transcriber(args.model, args.backend, args.language,
+                                       args.device or default_device(args.backend), args.max_new_tokens)
         check_domain_flags(transcriber, args.model, ["--compare-domains"] * args.compare_domains, args.domain)
         if args.dataset:  # a model without domain tokens is scored on every domain's samples
             split = load_split(args.dataset, args.split, domains=transcriber.domains or None, convention=given)

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from .domains import DOMAINS, ROWS_INIT, domain_token, model_domains
+from .domains import DOMAINS, PROMPT_TOKENS, ROWS_INIT, domain_token, model_domains
 from .lm_head import DomainEmbedding, DomainWhisper, install_domain_rows
 
 log = logging.getLogger(__name__)
-
-PROMPT_TOKENS = ("<|startoftranscript|>", "<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
 
 
 class ModelLoadError(RuntimeError):

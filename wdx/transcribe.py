@@ -13,12 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from . import strictjson
+from .backends import BACKENDS, default_device, open_transcriber
 from .domains import DOMAINS
-from .evaluate import InputError, check_domain_flags, check_output, read_clip
-from .inference import BACKENDS, Transcriber
+from .inputs import InputError, check_domain_flags, check_output, read_clip
 from .longform import transcribe_long
 from .tracking import quiet_libraries
 
@@ -35,16 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=225)
     parser.add_argument("--language", default="ko")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when the backend sees a GPU)")
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
-                        help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory")
+                        help="hf: MODEL is final/ or a checkpoint; ct2: MODEL is a wdx.export_ct2 directory, "
+                        "decoded without torch or transformers (resampling with FFmpeg's resampler)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    quiet_libraries()
+    lean = args.backend == "ct2"
+    if not lean:
+        quiet_libraries()  # imports transformers
     failed = []
     try:
         check_output(args.json)
-        transcriber = Transcriber(args.model, args.language, args.device, args.max_new_tokens, args.backend)
+        transcriber = open_transcriber(args.model, args.backend, args.language,
+                                       args.device or default_device(args.backend), args.max_new_tokens)
         check_domain_flags(transcriber, args.model, ["--domain"] * bool(args.domain)
                            + ["--compare-domains"] * args.compare_domains, args.domain)
         first = (transcriber.domains or DOMAINS)[0]
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             paths, clips = [], []
             for path in args.audio[i: i + args.batch_size]:
                 try:
-                    clips.append(read_clip(path))
+                    clips.append(read_clip(path, lean=lean))
                     paths.append(path)
                 except InputError as exc:
                     print(f"wdx.transcribe: skipped {exc}", file=sys.stderr, flush=True)

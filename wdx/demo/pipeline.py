@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import evaluate, export_ct2
-from ..inference import Transcriber
+from ..inference import HFTranscriber
 from ..longform import transcribe_long
 from ..metrics import by_domain, cer
 from . import data as demo_data
@@ -64,7 +64,7 @@ def held_out(data: Path) -> list[dict]:
 def pipeline_eval(final: Path, samples: list[dict]) -> dict:
     """The held-out clips through transformers' ASR pipeline, one call per clip, with the domain
     prompt as decoder_input_ids (README "Deploy"); the same result layout as wdx.evaluate."""
-    asr, transcriber = asr_pipeline(final), Transcriber(final)
+    asr, transcriber = asr_pipeline(final), HFTranscriber(final)
     rows = [dict(key=s["key"], domain=s["domain"], ref=s["text"],
                  hyp=asr(s["audio"], transcriber.prompt(s["domain"]), max_new_tokens=MAX_NEW_TOKENS))
             for s in samples]
@@ -92,7 +92,7 @@ def faster_whisper_eval(export: Path, samples: list[dict]) -> dict:
     models = domain_models(export)
     rows = []
     for s in samples:
-        segments, _ = models[s["domain"]].transcribe(np.asarray(s["audio"], np.float32), **FASTER_WHISPER)
+        segments, _ = models[s["domain"]].transcribe(np.asarray(s["audio"], np.float32), language="ko")
         rows.append(dict(key=s["key"], domain=s["domain"], ref=s["text"],
                          hyp=" ".join(seg.text.strip() for seg in segments)))
     return {"results": by_domain(rows), "samples": rows}
@@ -104,10 +104,41 @@ def domain_models(export: Path) -> dict:
     return {d: DomainWhisperModel(export, domain=d, cpu_threads=2) for d in ("normal", "dyslexic")}
 
 
-# faster-whisper decoding as README "Deploy" shows: greedy, no timestamps (never trained), each
-# window on its own (the training prompt has no previous text)
-FASTER_WHISPER = dict(language="ko", beam_size=1, temperature=0.0, without_timestamps=True,
-                      condition_on_previous_text=False)
+NO_SPEECH = (None, 0.6)  # off (as wdx.evaluate, which never drops a window), faster-whisper's default
+
+
+def with_pauses(audio: np.ndarray, lead_s: float = 1.0, pause_s: float = 2.0) -> np.ndarray:
+    """The clip as a hesitant reader says it: `lead_s` of silence before the first word and a
+    `pause_s` pause at the quietest 50 ms of its middle third."""
+    frame = 800
+    energy = np.sqrt(np.mean(np.reshape(audio[: len(audio) // frame * frame], (-1, frame)) ** 2, axis=1))
+    third = len(energy) // 3
+    cut = (third + int(np.argmin(energy[third: 2 * third]))) * frame if third else len(audio) // 2
+    silence = np.zeros(int(pause_s * 16000), np.float32)
+    return np.concatenate([silence[: int(lead_s * 16000)], audio[:cut], silence, audio[cut:]])
+
+
+def no_speech_effect(export: Path, samples: list[dict]) -> list[dict]:
+    """The dyslexic held-out clips, as read and with hesitant pauses, through DomainWhisperModel
+    with each `no_speech_threshold`: CER, how many clips came back empty (a window judged silent
+    is dropped), and the largest no-speech probability the model gave."""
+    from ..deploy import DomainWhisperModel
+
+    model = DomainWhisperModel(export, domain="dyslexic", cpu_threads=2)
+    dyslexic = [s for s in samples if s["domain"] == "dyslexic"]
+    refs, rows = [s["text"] for s in dyslexic], []
+    for variant, make in (("as read", lambda a: a), ("1 s of silence first, a 2 s pause inside", with_pauses)):
+        audios = [make(np.asarray(s["audio"], np.float32)) for s in dyslexic]
+        for threshold in NO_SPEECH:
+            hyps, probs = [], []
+            for audio in audios:
+                segments, _ = model.transcribe(audio, language="ko", no_speech_threshold=threshold)
+                segments = list(segments)
+                hyps.append(" ".join(seg.text.strip() for seg in segments))
+                probs += [seg.no_speech_prob for seg in segments]
+            rows.append(dict(clips=variant, threshold=threshold, n=len(audios), cer=cer(refs, hyps),
+                             empty=sum(not h for h in hyps), max_no_speech_prob=max(probs, default=None)))
+    return rows
 
 
 def long_recordings(final: Path, export: Path, samples: list[dict], after: dict, per_recording: int = 8,
@@ -122,7 +153,7 @@ def long_recordings(final: Path, export: Path, samples: list[dict], after: dict,
     for s in samples:
         domains.setdefault(s["domain"], []).append(s)
     single = {s["key"]: s["hyp"] for s in after["samples"]}
-    transcriber, rows = Transcriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
+    transcriber, rows = HFTranscriber(final, max_new_tokens=MAX_NEW_TOKENS * 4), []
     asr, models = asr_pipeline(final), domain_models(export)
     silence = np.zeros(int(pause_s * 16000), dtype=np.float32)
     for domain, samples in sorted(domains.items()):
@@ -246,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     t = stage(6, "recordings longer than 30 s built from held-out sentences")
     longform = long_recordings(final, out / "ct2-float32", samples, after)
     timings["6 long recordings"] = time.perf_counter() - t
+    t = stage(6, "no_speech_threshold on dyslexic clips, as read and with pauses")
+    no_speech = no_speech_effect(out / "ct2-int8", samples)
+    timings["6 no_speech_threshold"] = time.perf_counter() - t
     t = stage(6, "cost of each backend, each in its own process")
     costs = cost_per_backend(final, out / "ct2-int8", samples, out / "clips")
     timings["6 cost per backend"] = time.perf_counter() - t
@@ -254,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     deployed = {"wdx.evaluate, transformers (final/)": (after, timings["5 evaluate fine-tuned, val_unseen"]),
                 **deployed}
     settings = "accelerate launch " + " ".join(relative(a) for a in train_command(data, base, runs)[3:])
-    figures = summary(evals, HELD_OUT, tokens, deployed_summary(deployed), costs, longform, timings, settings)
+    figures = summary(evals, HELD_OUT, tokens, deployed_summary(deployed), costs, longform, no_speech, timings,
+                      settings)
     report = write_report(out, evals, runs / "demo", figures)
     log.info("report: %s (total %.0f s)", report, sum(timings.values()))
     for split, (b, a) in evals.items():

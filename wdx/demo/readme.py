@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from .report import cost_table, deploy_table, longform_table, table, token_table
+from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
 BLOCKS = ("results", "deploy", "augment")
 AUGMENT = Path(__file__).resolve().parents[2] / "bench" / "augment.json"  # the augmentation measurement
@@ -36,6 +36,9 @@ def render(figures: dict) -> dict[str, str]:
               *deploy_table(figures["deployed"]), "",
               "Each way as a deployment runs it, in its own process, over the same clips as wav files:", "",
               *cost_table(figures["costs"]), "",
+              "`DomainWhisperModel` (int8) on the dyslexic clips with each `no_speech_threshold`, as read and as a "
+              "hesitant reader says them (silence before the first word, a pause inside):", "",
+              *no_speech_table(figures["no_speech"]), "",
               "Held-out sentences of one domain read one after another with 0.6 s pauses, each recording decoded "
               "whole:", "", *longform_table(figures["longform"])]
     return {"results": "\n".join(results), "deploy": "\n".join(deploy),

@@ -127,14 +127,24 @@ def longform_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def no_speech_table(rows: list[dict]) -> list[str]:
+    """DomainWhisperModel on the dyslexic clips with each no_speech_threshold."""
+    lines = ["| dyslexic clips | `no_speech_threshold` | clips | CER | clips decoded empty | largest no-speech "
+             "probability |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        prob = "n/a" if r["max_no_speech_prob"] is None else f"{r['max_no_speech_prob']:.3f}"
+        lines.append(f"| {r['clips']} | {r['threshold']} | {r['n']} | {r['cer']:.3f} | {r['empty']} | {prob} |")
+    return lines
+
+
 def summary(evals: dict[str, tuple[dict, dict]], labels: dict[str, str], tokens: dict, deployed: dict,
-            costs: dict, longform: list[dict], timings: dict, settings: str) -> dict:
+            costs: dict, longform: list[dict], no_speech: list[dict], timings: dict, settings: str) -> dict:
     """Every figure the report and the README quote, without the per-clip samples: the demo
     writes it as summary.json, and `python -m wdx.demo.readme` renders the README from it."""
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "settings": settings,
             "evals": {split: [{"results": b["results"]}, {"results": a["results"]}] for split, (b, a) in evals.items()},
             "labels": labels, "tokens": tokens, "deployed": deployed, "costs": costs, "longform": longform,
-            "timings": timings, "total_s": sum(timings.values())}
+            "no_speech": no_speech, "timings": timings, "total_s": sum(timings.values())}
 
 
 def machine() -> str:
@@ -175,6 +185,9 @@ def write_report(out: Path, evals: dict[str, tuple[dict, dict]], run_dir: Path, 
              "## Deployed", "", "The fine-tuned model decoded greedily with the domain prompt by each way of "
              "deploying it (`val_small`, same clips, CPU, model loading included in the seconds).", "",
              *deploy_table(figures["deployed"]), "", *cost_table(figures["costs"]), "",
+             "faster-whisper (`DomainWhisperModel`, int8) drops a window whose no-speech probability is above "
+             "`no_speech_threshold` (when its mean log-probability is below -1 too):", "",
+             *no_speech_table(figures["no_speech"]), "",
              "## Recordings longer than 30 s", "",
              "Held-out sentences of one domain joined with 0.6 s pauses, each recording decoded whole by each "
              "long-form path (every piece or window with the domain prompt), against the same sentences decoded "
