@@ -206,3 +206,23 @@ def test_kspon_scripts_pack_as_shipped_one_command_per_script_bad_rows_counted(t
     assert set(sample) == {"wav", "txt", "json"} and meta["text_convention"] == "kspon" and meta["domain"] == "normal"
     assert sample["txt"].decode().startswith("음 오늘은 삼 킬로그램 샀어요")
     assert "skipped 4 of 10 rows: bad_line 1, corrupt_audio 1, empty_transcript 1, missing_audio 1" in caplog.text
+
+
+def test_the_target_text_is_read_on_the_reference_s_side_of_a_dual_transcription(tmp_path):
+    # issue 33.2: the reference took the spelling side, the target kept the raw markup: misreads were invented
+    import json
+
+    from wdx.conventions import Convention
+    from wdx.data import clean_target
+    from wdx.evaluate import list_items
+    from wdx.metrics import misreads
+
+    raw = "(학교)/(핵교)에 갔어요"
+    listing = tmp_path / "list.jsonl"
+    listing.write_text(json.dumps({"audio_path": "a.wav", "text": raw, "domain": "dyslexic", "target_text": raw},
+                                  ensure_ascii=False) + "\n")
+    for side, word in (("spelling", "학교에"), ("pronunciation", "핵교에")):
+        (item,) = list_items(listing, Convention("kspon", side))
+        assert item["text"] == item["target"] == f"{word} 갔어요"
+        assert misreads(item["target"], item["text"], item["text"])["misread"] == 0
+    assert clean_target(raw) == raw  # plain text is read as written, on both sides alike

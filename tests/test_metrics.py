@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 from wdx.metrics import by_domain, error_rates, format_table
 from wdx.text import normalize_for_cer, normalize_for_wer, normalize_text
 
@@ -25,6 +27,7 @@ def test_a_missing_domain_is_reported_not_divided_by_zero():
     assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "swer": 0.0, "n": 1, "sub": 0.0,
                                  "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0, "misread_words": 0,
                                  "misread_faithful": None, "misread_repaired": None, "misread_other": None,
+                                 "skipped_words": 0, "skipped_written": 0,
                                  "cer_fluent": None}  # None: no fluent form in the data (n/a, never 0)
     assert results["dyslexic"]["n"] == 0 and math.isnan(results["dyslexic"]["cer"])
     assert format_table(results).splitlines()[2].split() == ["dyslexic", "0", *"-" * 8, "(no", "samples)"]
@@ -81,14 +84,49 @@ def test_misread_words_are_counted_faithful_repaired_or_other_exactly():
 
     target = "오늘 학교에서 노래를 불렀어요"
     said, hyp = "오느 학교에서 음 누래를 불렀서요", "오느 학교에서 노래를 볼렀어"
-    assert misreads(target, said, hyp) == {"misread": 4, "faithful": 1, "repaired": 2, "other": 1}
-    assert misreads(target, target, target) == {"misread": 0, "faithful": 0, "repaired": 0, "other": 0}
+    none = {"skipped": 0, "skipped_written": 0}
+    assert misreads(target, said, hyp) == {"misread": 4, "faithful": 1, "repaired": 2, "other": 1, **none}
+    assert misreads(target, target, target) == {"misread": 0, "faithful": 0, "repaired": 0, "other": 0, **none}
     rows = [{"target": target, "ref": said, "hyp": hyp}, {"ref": "가", "hyp": "가"}]
     assert fidelity(rows) == {"misread_utts": 1, "misread_words": 4, "misread_faithful": 0.25,
-                              "misread_repaired": 0.5, "misread_other": 0.25}
+                              "misread_repaired": 0.5, "misread_other": 0.25, "skipped_words": 0,
+                              "skipped_written": 0}
     # no target text anywhere: not available, never zero
     assert fidelity(rows[1:]) == {"misread_utts": 0, "misread_words": 0, "misread_faithful": None,
-                                  "misread_repaired": None, "misread_other": None}
+                                  "misread_repaired": None, "misread_other": None, "skipped_words": 0,
+                                  "skipped_written": 0}
+
+
+def respaced(text: str, seed: int) -> str:
+    """The same characters with spaces anywhere (or none)."""
+    import random
+
+    rng = random.Random(seed)
+    return "".join(ch + (" " if rng.random() < 0.3 else "") for ch in text.replace(" ", ""))
+
+
+@pytest.mark.parametrize("target, said, hyp, expected", [
+    # issue 33.1: a hypothesis that glues words counted "other" for the misread word it kept
+    ("오늘 학교에", "오느 학교에", "오느학교에", dict(misread=1, faithful=1)),
+    ("오늘 학교에", "오느 학교에", "오늘학교에", dict(misread=1, repaired=1)),
+    ("오늘 학교에", "오 학교에", "오늘 학교에", dict(misread=1, repaired=1)),  # a part said, the word written
+    ("학교에", "학교 학교에", "학교에", dict(misread=1, repaired=1)),  # a repetition left out
+    ("학교에", "학교 학교에", "학교학교에", dict(misread=1, faithful=1)),
+    ("오늘", "음 오느", "", dict(misread=2, repaired=1, other=1)),  # the filler left out, the word too
+    # issue 33.3: a target word skipped by the reader and written by the model is counted
+    ("나는 오늘 학교에 갔다", "나는 학교에 갔다", "나는 오늘 학교에 갔다", dict(skipped=1, skipped_written=1)),
+    ("나는 오늘 학교에 갔다", "나는 학교에 갔다", "나는 학교에 갔다", dict(skipped=1)),
+    ("오늘 학교에서 노래를 불렀어요 그리고 친구와 함께 집으로 돌아왔습니다",
+     "오느 학교에서 음 누래를 불렀서요 그리고 친구와 친구와 함께 집으로 도라왔습니다",
+     "오느 학교에서 노래를 볼렀어 그리고 친구와 함께 집으로 돌아왔습니다",
+     dict(misread=6, faithful=1, repaired=4, other=1)),
+])
+def test_misread_counts_depend_on_the_characters_never_on_the_spacing(target, said, hyp, expected):
+    from wdx.metrics import MISREAD_KEYS, misreads
+
+    assert misreads(target, said, hyp) == {k: expected.get(k, 0) for k in MISREAD_KEYS}
+    for seed in range(20):  # the reference's and the hypothesis's spacing, each anywhere
+        assert misreads(target, respaced(said, seed), respaced(hyp, seed + 100)) == misreads(target, said, hyp)
 
 
 def test_fluent_cer_tells_a_recognition_error_from_a_disfluency_left_out():

@@ -36,7 +36,6 @@ from .conventions import PLAIN, Convention, convert
 from .domains import AGGREGATE, DOMAINS
 from .sharding import batch_sizes, shard_order, slot_bounds, slot_segments
 from .shards import DatasetError, Split, open_url
-from .text import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +442,7 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     marks = dict(converted.marks) or (meta["marks"] if isinstance(meta.get("marks"), dict) else {})
     raw_text = meta["raw_text"] if isinstance(meta.get("raw_text"), str) and meta["raw_text"] else written.strip()
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
-                channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD)),
+                channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD), convention),
                 fluent=converted.fluent_form(clean_target(meta.get(FLUENT_FIELD))), marks=marks,
                 raw_text=raw_text if marks else None)
 
@@ -452,9 +451,11 @@ FLUENT_FIELD = "fluent_text"  # the transcript without fillers and marked repeti
 TARGET_FIELD = "target_text"  # the sample json's text the reader was asked to read (misread-word fidelity)
 
 
-def clean_target(value) -> str | None:
-    """A `target_text` value normalised as transcripts are; None when absent, empty or not a string."""
-    return (normalize_text(value) or None) if isinstance(value, str) else None
+def clean_target(value, convention: Convention = PLAIN) -> str | None:
+    """A `target_text` value under the transcripts' own convention (kspon's dual transcriptions
+    on the same side), so that a misread is never a difference of conventions; None when
+    absent, empty or not a string."""
+    return (convert(value, convention).text or None) if isinstance(value, str) else None
 
 
 def sample_meta(raw: dict) -> dict | str:

@@ -83,7 +83,8 @@ def list_items(path: Path, convention: Convention = PLAIN) -> list[dict]:
                              f"{'empty' if not converted.text else 'still marked up'} under --text-convention "
                              f"{convention.name}")
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
-                          text=converted.text, domain=row["domain"], target=clean_target(row.get(TARGET_FIELD)),
+                          text=converted.text, domain=row["domain"],
+                          target=clean_target(row.get(TARGET_FIELD), convention),
                           fluent=converted.fluent_form(clean_target(row.get(FLUENT_FIELD)))))
     return items
 

@@ -19,6 +19,8 @@ models' CER on the same utterances (paired): is a change real or noise?
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from collections import defaultdict
 
 import jiwer
@@ -176,27 +178,132 @@ def _word_pairs(ref: list[str], hyp: list[str]) -> list[tuple[int | None, int | 
     return pairs[::-1]
 
 
-def misreads(target: str, said: str, hyp: str) -> dict[str, int]:
-    """Misread-word fidelity of one utterance: {"misread", "faithful", "repaired", "other"}.
+MISREAD_KEYS = ("misread", "faithful", "repaired", "other", "skipped", "skipped_written")
+_TIE = 1e-3  # breaks ties between equal-cost alignments, far below any difference of real costs (1/6 at least)
 
-    A misread word is a word of what was said (the reference) that does not match the text the
-    reader was given, in a word alignment of the two: a substitution ("오느" for "오늘"), or an
-    insertion (a filler, a repeated fragment, an abandoned attempt before a self-correction).
-    The hypothesis is aligned to what was said, and each misread word is `faithful` when the
-    hypothesis has it as said, `repaired` when the hypothesis has the target word instead (for
-    an insertion: when it left the word out, which reads as the intended text), else `other`.
-    Target words the reader skipped are not counted. Words as in WER (punctuation removed).
+
+@functools.lru_cache(maxsize=65536)
+def _char_cost(a: str, b: str) -> float:
+    """Substituting `b` for `a`: their jamo distance (0..1), so that 누 -> 노 (one vowel) is cheaper
+    than 음 -> 노 and a misread syllable pairs with the one it was misread from."""
+    return 0.0 if a == b else _distance(unicodedata.normalize("NFD", a), unicodedata.normalize("NFD", b))
+
+
+def _align(ref: str, starts: list[bool], hyp: str) -> tuple[list[int | None], list[str]]:
+    """A character alignment of `hyp` to `ref` (both without spaces), `starts[i]` telling
+    whether a word of `ref` starts at character i (`starts[len(ref)]` is True).
+
+    Returns, for each `ref` character, the `hyp` character aligned with it (None: left out),
+    and for each `ref` position 0..len(ref) the `hyp` characters inserted before it. A
+    substitution costs the jamo distance, an insertion or deletion 1; ties go to leaving out
+    whole words and inserting between words, which is what a reader does.
     """
-    t, s, h = (normalize_for_wer(x).split() for x in (target, said, hyp))
-    by_said = {si: hi for si, hi in _word_pairs(s, h) if si is not None}
-    out = {"misread": 0, "faithful": 0, "repaired": 0, "other": 0}
-    for ti, si in _word_pairs(t, s):
-        if si is None or (ti is not None and t[ti] == s[si]):
-            continue  # a skipped target word, or one read right
+    n, m, inf = len(ref), len(hyp), float("inf")
+    # two layers: last step a deletion (D) or not (M); a deletion run that starts or ends inside a word pays _TIE
+    M = [[inf] * (m + 1) for _ in range(n + 1)]
+    D = [[inf] * (m + 1) for _ in range(n + 1)]
+    back: dict[tuple[str, int, int], tuple[str, str]] = {}
+    M[0][0] = 0.0
+    for i in range(n + 1):
+        mid_i = not starts[i]
+        for j in range(m + 1):
+            if i:
+                opened = M[i - 1][j] + 1 + (_TIE if not starts[i - 1] else 0)
+                extended = D[i - 1][j] + 1
+                D[i][j], back["D", i, j] = (opened, ("M", "del")) if opened <= extended else (extended, ("D", "del"))
+            if i and j:
+                cost = _char_cost(ref[i - 1], hyp[j - 1])
+                fm, fd = M[i - 1][j - 1] + cost, D[i - 1][j - 1] + cost + (_TIE if not starts[i - 1] else 0)
+                if fm <= fd:
+                    best, how = fm, ("M", "sub")
+                else:
+                    best, how = fd, ("D", "sub")
+                if best < M[i][j]:
+                    M[i][j], back["M", i, j] = best, how
+            if j:
+                fm = M[i][j - 1] + 1 + (_TIE if mid_i else 0)
+                fd = D[i][j - 1] + 1 + (2 * _TIE if mid_i else 0)
+                best, how = (fm, ("M", "ins")) if fm <= fd else (fd, ("D", "ins"))
+                if best < M[i][j]:
+                    M[i][j], back["M", i, j] = best, how
+    aligned: list[int | None] = [None] * n
+    inserted = [""] * (n + 1)
+    layer, i, j = ("M" if M[n][m] <= D[n][m] else "D"), n, m
+    while i or j:
+        previous, op = back[layer, i, j]
+        if op == "del":
+            i -= 1
+        elif op == "sub":
+            i, j = i - 1, j - 1
+            aligned[i] = j
+        else:
+            j -= 1
+            inserted[i] = hyp[j] + inserted[i]
+        layer = previous
+    return aligned, inserted
+
+
+def _starts(keys: list) -> list[bool]:
+    """Word starts of a character sequence whose characters carry the key of their word."""
+    return [i == 0 or keys[i] != keys[i - 1] for i in range(len(keys))] + [True]
+
+
+def misreads(target: str, said: str, hyp: str) -> dict[str, int]:
+    """Misread-word fidelity of one utterance, on characters: spaces in what was said or in the
+    hypothesis change nothing (Korean word spacing is unreliable, in transcripts and models alike).
+
+    What was said (the reference) is aligned character by character with the text the reader was
+    given (`target`, whose words are the units): a target word said otherwise ("오느" for
+    "오늘", a part of it, ...) is a misread word, and so is each run of characters said beyond the
+    target (a filler, a repeated fragment, an abandoned attempt). The hypothesis is aligned with
+    what was said, and each misread word is `faithful` when the hypothesis has it as said,
+    `repaired` when it has the target word instead (for a run said beyond the target: when it left
+    it out), else `other`. A target word the reader skipped is `skipped`, and `skipped_written`
+    when the hypothesis has it anyway where it was skipped (repaired, though nothing was said).
+    """
+    t_words = normalize_for_wer(target).split()
+    said_chars, hyp_chars = ("".join(normalize_for_wer(x).split()) for x in (said, hyp))
+    out = dict.fromkeys(MISREAD_KEYS, 0)
+    t_chars = "".join(t_words)
+    if said_chars == t_chars:
+        return out
+    word_of = [k for k, w in enumerate(t_words) for _ in w]
+    to_said, extra = _align(t_chars, _starts(word_of), said_chars)
+    # each said character's unit: ("t", k) for one aligned with target word k, ("x", p) for one said
+    # beyond the target before target position p
+    key: list[tuple[str, int] | None] = [None] * len(said_chars)
+    position = 0
+    for p in range(len(t_chars) + 1):
+        for _ in extra[p]:
+            key[position] = ("x", p)
+            position += 1
+        if p < len(t_chars) and to_said[p] is not None:
+            key[position] = ("t", word_of[p])
+            position += 1
+    units: dict[tuple[str, int], list[int]] = {}
+    for i, k in enumerate(key):
+        units.setdefault(k, []).append(i)
+    to_hyp, added = _align(said_chars, _starts(key), hyp_chars) if said_chars else ([], [hyp_chars])
+    for unit, chars in units.items():
+        said_text = "".join(said_chars[i] for i in chars)
+        intended = t_words[unit[1]] if unit[0] == "t" else ""
+        if said_text == intended:
+            continue
+        written = "".join((added[i] if n and chars[n - 1] == i - 1 else "")
+                          + (hyp_chars[to_hyp[i]] if to_hyp[i] is not None else "") for n, i in enumerate(chars))
+        around = added[chars[0]] + written + added[chars[-1] + 1]
         out["misread"] += 1
-        written = h[by_said[si]] if by_said.get(si) is not None else None
-        intended = t[ti] if ti is not None else None  # an inserted word's intended form is no word at all
-        out["faithful" if written == s[si] else "repaired" if written == intended else "other"] += 1
+        repaired = written == "" if not intended else intended in (written, around)
+        out["repaired" if repaired else "faithful" if written == said_text else "other"] += 1
+    said_words = {k for kind, k in units if kind == "t"}
+    for k, word in enumerate(t_words):
+        if k in said_words:
+            continue
+        out["skipped"] += 1
+        # where it would have been said: after every said character of an earlier target position
+        first = word_of.index(k)
+        gap = sum(1 for kind, p in key if (p < k if kind == "t" else p <= first))
+        out["skipped_written"] += word in added[gap]
     return out
 
 
@@ -223,13 +330,15 @@ def fluent_cer(rows: list[dict]) -> float | None:
 
 def fidelity(rows: list[dict]) -> dict[str, float | int | None]:
     """Misread-word fidelity summed over the rows that carry a `target` text: the number of
-    utterances and misread words, and the shares faithful / repaired / other. Without any
-    target text the shares are None ("n/a"), never zero."""
+    utterances and misread words, the shares faithful / repaired / other, and the target words
+    the reader skipped and how many of them the hypothesis wrote anyway. Without any target
+    text the shares are None ("n/a"), never zero."""
     counts = [misreads(r["target"], r["ref"], r["hyp"]) for r in rows if r.get("target")]
-    total = {k: sum(c[k] for c in counts) for k in ("misread", "faithful", "repaired", "other")}
+    total = {k: sum(c[k] for c in counts) for k in MISREAD_KEYS}
     shares = {f"misread_{k}": (total[k] / total["misread"] if total["misread"] else None)
               for k in ("faithful", "repaired", "other")}
-    return {"misread_utts": len(counts), "misread_words": total["misread"], **shares}
+    return {"misread_utts": len(counts), "misread_words": total["misread"], **shares,
+            "skipped_words": total["skipped"], "skipped_written": total["skipped_written"]}
 
 
 def by_domain(rows: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
@@ -292,6 +401,9 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
         else:
             lines.append(f"{name:<10} {r['misread_words']:>6} faithful {r['misread_faithful']:.3f}  repaired "
                          f"{r['misread_repaired']:.3f}  other {r['misread_other']:.3f}  ({r['misread_utts']} utts)")
+        if r.get("skipped_words"):
+            lines.append(f"{'':<10} {r['skipped_words']:>6} target words skipped by the reader, "
+                         f"{r['skipped_written']} of them written anyway")
     return "\n".join(lines)
 
 
