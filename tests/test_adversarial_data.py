@@ -48,7 +48,7 @@ def test_a_bom_or_zero_width_characters_are_not_trained_or_scored():
     assert normalize_text("\ufeff안녕\u200b하세요\u200d ") == "안녕하세요"
     assert normalize_for_cer("\ufeff안녕하세요") == "안녕하세요"
     assert error_rates(["\ufeff안녕하세요 반가워요"], ["안녕하세요 반가워요"]) == {
-        "cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "swer": 0.0, "n": 1, "sub": 0.0, "del": 0.0, "ins": 0.0,
+        "cer": 0.0, "cer_lo": None, "cer_hi": None, "wer": 0.0, "swer": 0.0, "n": 1, "sub": 0.0, "del": 0.0, "ins": 0.0,
         "runaway": 0}
 
 

@@ -77,14 +77,17 @@ def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(t
     deployed = deployed_summary({"wdx.evaluate": (evals["val_small"][1], 3.0), "other": (evals["val_small"][0], 4.0)})
     costs = {"faster-whisper": {"clips": 4, "seconds": 2.0, "peak_mb": 300.4}}
     longform = [dict(domain="dyslexic", sentences=8, seconds=77.6, cer_one_by_one=0.1, cer_long=0.12)]
+    no_speech = [dict(clips="as read", threshold=None, n=2, cer=0.1, empty=0, max_no_speech_prob=0.01),
+                 dict(clips="as read", threshold=0.6, n=2, cer=0.5, empty=1, max_no_speech_prob=0.7)]
     figures = summary(evals, {"val_small": "seen voices", "val_unseen": "unseen voices"},
-                      evals["val_small"][1]["compare_domains"], deployed, costs, longform,
+                      evals["val_small"][1]["compare_domains"], deployed, costs, longform, no_speech,
                       {"5 evaluate fine-tuned, val_unseen": 8.0}, "accelerate launch ...")
     path = write_report(tmp_path, evals, run_dir, figures)
     text = path.read_text()
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(figures))
     assert "| other | 0.250 | 0.500 | 0.375 | 1/4 | 4.0 |" in text  # k0: the one clip both decoded alike
     assert "| faster-whisper | 4 | 0.50 | 300 |" in text
+    assert "| as read | 0.6 | 2 | 0.500 | 1 | 0.700 |" in text
     assert "| dyslexic | 8 | 78 | 0.100 | 0.120 |" in text  # only the columns the rows have
     assert "| seen voices | normal |" in text and "| unseen voices | all |" in text
     assert "| dyslexic | 0.000 | **0.250** | 2/2 |" in text  # the right token in bold; 2 of 2 changed

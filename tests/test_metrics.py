@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 
 from wdx.metrics import by_domain, error_rates, format_table
@@ -24,8 +25,9 @@ def test_wer_on_words_after_punctuation_removal():
 
 def test_a_missing_domain_is_reported_not_divided_by_zero():
     results = by_domain([dict(ref="가나", hyp="가나", domain="normal")])
-    assert results["normal"] == {"cer": 0.0, "cer_lo": 0.0, "cer_hi": 0.0, "wer": 0.0, "swer": 0.0, "n": 1, "sub": 0.0,
-                                 "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0, "misread_words": 0,
+    assert results["normal"] == {"cer": 0.0, "cer_lo": None, "cer_hi": None, "wer": 0.0, "swer": 0.0, "n": 1,
+                                 "sub": 0.0, "del": 0.0, "ins": 0.0, "runaway": 0, "misread_utts": 0,
+                                 "misread_words": 0,
                                  "misread_faithful": None, "misread_repaired": None, "misread_other": None,
                                  "skipped_words": 0, "skipped_written": 0,
                                  "cer_fluent": None}  # None: no fluent form in the data (n/a, never 0)
@@ -156,3 +158,53 @@ def test_swer_scores_words_not_the_hypothesis_spacing():
         assert error_rates([ref], [spacing])["swer"] == 1 / 3
     assert space_normalized(ref, "나는 핵 교에 간다") == "나는 핵 교에 간다"  # after a misread one: its own
     assert error_rates([ref], [""])["swer"] == 1.0
+
+
+def test_intervals_are_never_nan_and_say_n_a_where_there_is_no_draw():
+    # issue 33.4: a draw of utterances without misread words divided 0 by 0, and the interval came out NaN
+    from wdx.metrics import compare, format_comparison
+
+    said = dict(target="오늘 학교에", ref="오느 학교에")
+    rows_a = [dict(key="1", domain="dyslexic", hyp="오늘 학교에", **said),
+              dict(key="2", domain="dyslexic", target="가다", ref="가다", hyp="가다")]
+    rows_b = [dict(rows_a[0], hyp="오느 학교에"), rows_a[1]]
+    row = compare(rows_a, rows_b)["dyslexic"]
+    assert (row["faithful_a"], row["faithful_b"]) == (0.0, 1.0)
+    assert row["faithful_lo"] is not None and not math.isnan(row["faithful_lo"]) and row["faithful_hi"] == 1.0
+    one = compare(rows_a[:1], rows_b[:1])["dyslexic"]  # one utterance: nothing to resample
+    assert (one["diff_lo"], one["faithful_lo"]) == (None, None) and not one["real"]
+    assert "n/a" in format_comparison(compare(rows_a[:1], rows_b[:1]), "A", "B")
+
+
+def test_utterances_of_one_speaker_are_resampled_together():
+    # issue 33.4: 40 clips of 2 speakers are 2 draws, not 40 (one speaker's clips share a voice)
+    from wdx.metrics import error_rates
+
+    refs = ["가나다라"] * 40
+    hyps = ["가나다마" if i < 20 else "가나다라" for i in range(40)]
+    by_clip = error_rates(refs, hyps)
+    by_speaker = error_rates(refs, hyps, speakers=["a" if i < 20 else "b" for i in range(40)])
+    assert by_clip["cer"] == by_speaker["cer"] == 0.125
+    assert by_speaker["cer_hi"] - by_speaker["cer_lo"] > 2 * (by_clip["cer_hi"] - by_clip["cer_lo"])
+    assert (by_speaker["cer_lo"], by_speaker["cer_hi"]) == (0.0, 0.25)  # either speaker twice, or one of each
+    partly = error_rates(refs, hyps, speakers=["a"] * 39 + [None])  # not every clip named: by utterance
+    assert (partly["cer_lo"], partly["cer_hi"]) == (by_clip["cer_lo"], by_clip["cer_hi"])
+
+
+def test_a_real_difference_is_corrected_for_the_comparisons_of_its_table():
+    from wdx.metrics import bootstrap_p, compare, holm
+
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": True, "b": False, "c": False}  # 0.03 > 0.05 / 2
+    assert holm({"a": 0.01, "b": 0.02}) == {"a": True, "b": True}
+    assert bootstrap_p(np.asarray([0.1] * 999)) == 2 / 1000  # never 0
+    assert bootstrap_p(np.zeros(0)) == 1.0
+
+    def rows(every):  # one utterance in `every` loses half its characters
+        return [dict(key=str(i), domain=("normal", "dyslexic")[i % 2], ref="가나다라마바",
+                     hyp="가나다" if i % every == 0 else "가나다라마바") for i in range(200)]
+
+    table = compare(rows(3), rows(4))
+    assert all(table[d]["p"] < 1 for d in table)
+    uncorrected = {d: table[d]["diff_hi"] < 0 for d in table}
+    assert [table[d]["real"] for d in table] == list(holm({d: table[d]["p"] for d in table}).values())
+    assert sum(table[d]["real"] for d in table) <= sum(uncorrected.values())

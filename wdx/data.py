@@ -444,11 +444,17 @@ def decode_sample(raw: dict, *, target_sr: int | None, split_domain: str | None,
     return dict(audio=audio, text=text, domain=domain, duration=duration, format=ext, sample_rate=rate,
                 channels=frames.shape[0], target=clean_target(meta.get(TARGET_FIELD), convention),
                 fluent=converted.fluent_form(clean_target(meta.get(FLUENT_FIELD))), marks=marks,
-                raw_text=raw_text if marks else None)
+                raw_text=raw_text if marks else None, speaker=speaker_of(meta))
 
 
 FLUENT_FIELD = "fluent_text"  # the transcript without fillers and marked repetitions (wdx.pack --text-convention)
 TARGET_FIELD = "target_text"  # the sample json's text the reader was asked to read (misread-word fidelity)
+
+
+def speaker_of(meta: dict) -> str | None:
+    """The sample json's `speaker` (a name or an id), which the metrics resample by; None without one."""
+    value = meta.get("speaker")
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) else None
 
 
 def clean_target(value, convention: Convention = PLAIN) -> str | None:

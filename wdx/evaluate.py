@@ -26,7 +26,7 @@ from . import conventions, strictjson
 from .audio import AUDIO_EXTENSIONS
 from .backends import BACKENDS, Transcriber, default_device, open_transcriber
 from .conventions import PLAIN, Convention, convert
-from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader
+from .data import FLUENT_FIELD, TARGET_FIELD, ShardedSamples, clean_target, make_loader, speaker_of
 from .domains import DOMAINS
 from .inputs import InputError, check_domain_flags, check_item_domains, check_output, read_clip, read_text
 from .longform import transcribe_long
@@ -85,7 +85,7 @@ def list_items(path: Path, convention: Convention = PLAIN) -> list[dict]:
         items.append(dict(key=row.get("key", Path(row["audio_path"]).stem), path=path.parent / row["audio_path"],
                           text=converted.text, domain=row["domain"],
                           target=clean_target(row.get(TARGET_FIELD), convention),
-                          fluent=converted.fluent_form(clean_target(row.get(FLUENT_FIELD)))))
+                          fluent=converted.fluent_form(clean_target(row.get(FLUENT_FIELD))), speaker=speaker_of(row)))
     return items
 
 
@@ -147,7 +147,8 @@ def run(transcriber: Transcriber, batches, total: int | None, compare: bool, bat
                 # a shard member may not
                 uid = str(s["path"]) if "path" in s else f"{s['shard']}/{s['key']}"
                 row = dict(key=s["key"], id=uid, domain=s["domain"], ref=s["text"], hyp=hyps[i],
-                           cer=cer([s["text"]], [hyps[i]]), target=s.get("target"), fluent=s.get("fluent"))
+                           cer=cer([s["text"]], [hyps[i]]), target=s.get("target"), fluent=s.get("fluent"),
+                           speaker=s.get("speaker"))
                 if compare:
                     row["hyp_by_prompt"] = {d: extra[d][i] for d in transcriber.domains}
                 rows.append(row)

@@ -58,21 +58,68 @@ def cer(refs: list[str], hyps: list[str]) -> float:
     return float(edits.sum() / lengths.sum()) if len(lengths) else float("nan")
 
 
-def bootstrap_interval(edits: np.ndarray, lengths: np.ndarray, other: np.ndarray | None = None,
-                       draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95 % percentile interval of corpus CER (or, given `other` edits of a second model on the
-    same utterances, of CER(other) - CER) over utterances resampled with replacement."""
-    n = len(lengths)
-    if n == 0:
-        return float("nan"), float("nan")
+def _units(values: list[np.ndarray], clusters: list | None) -> list[np.ndarray]:
+    """The arrays summed per resampling unit: per speaker when every utterance names one (its
+    utterances are not independent draws), else per utterance."""
+    if clusters is None or any(c is None for c in clusters) or len(clusters) != len(values[0]):
+        return values
+    names = {c: k for k, c in enumerate(dict.fromkeys(clusters))}
+    index = np.asarray([names[c] for c in clusters])
+    return [np.bincount(index, weights=v, minlength=len(names)) for v in values]
+
+
+def bootstrap_draws(edits: np.ndarray, lengths: np.ndarray, other: np.ndarray | None = None,
+                    clusters: list | None = None, draws: int = BOOTSTRAP_DRAWS,
+                    seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Corpus ratio sum(edits) / sum(lengths) (or, given `other` on the same denominators,
+    ratio(other) - ratio) over `draws` resamples of the units with replacement: utterances,
+    or whole speakers given `clusters` (a speaker per utterance). A draw whose denominator
+    sums to 0 has no ratio and is left out; fewer than 2 units give no draws at all."""
+    values = _units([edits, lengths] + ([other] if other is not None else []), clusters)
+    n = len(values[1])
+    if n < 2:
+        return np.zeros(0)
     rng, stats = np.random.default_rng(seed), []
     for start in range(0, draws, 100):  # 100 draws at a time bounds the index array
         idx = rng.integers(0, n, size=(min(100, draws - start), n))
-        total = lengths[idx].sum(axis=1)
-        stat = edits[idx].sum(axis=1) / total
-        stats.append(stat if other is None else other[idx].sum(axis=1) / total - stat)
-    lo, hi = np.percentile(np.concatenate(stats), [2.5, 97.5])
+        total = values[1][idx].sum(axis=1)
+        defined = total > 0
+        idx, total = idx[defined], total[defined]
+        stat = values[0][idx].sum(axis=1) / total
+        stats.append(stat if other is None else values[2][idx].sum(axis=1) / total - stat)
+    return np.concatenate(stats)
+
+
+def bootstrap_interval(edits: np.ndarray, lengths: np.ndarray, other: np.ndarray | None = None,
+                       clusters: list | None = None, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float | None, float | None]:
+    """95 % percentile interval of `bootstrap_draws`; (None, None), never NaN, where it has no
+    draw (fewer than 2 utterances or speakers, or no draw with a denominator)."""
+    stats = bootstrap_draws(edits, lengths, other, clusters, draws, seed)
+    if not len(stats):
+        return None, None
+    lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def bootstrap_p(stats: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of a difference being 0: twice the share of draws on the
+    smaller side of 0, counted with the observed one ((k + 1) / (B + 1), never 0); 1 without draws."""
+    if not len(stats):
+        return 1.0
+    side = min(int((stats <= 0).sum()), int((stats >= 0).sum()))
+    return min(1.0, 2 * (side + 1) / (len(stats) + 1))
+
+
+def holm(pvalues: dict, alpha: float = 0.05) -> dict:
+    """Holm's step-down correction: {name: is the difference real}, family-wise error rate
+    `alpha` over all the comparisons given (one table's)."""
+    real, m = dict.fromkeys(pvalues, False), len(pvalues)
+    for k, (name, p) in enumerate(sorted(pvalues.items(), key=lambda item: item[1])):
+        if p > alpha / (m - k):
+            break
+        real[name] = True
+    return real
 
 
 def space_normalized(ref: str, hyp: str) -> str:
@@ -115,12 +162,15 @@ def runaway(ref: str, hyp: str, capped: bool = False) -> bool:
     return capped or len(normalize_for_cer(hyp)) > 2 * max(len(normalize_for_cer(ref)), 1)
 
 
-def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = None) -> dict[str, float]:
-    """Corpus CER (with its sub/del/ins parts), WER, space-normalised WER (sWER), runaway count;
-    samples whose reference is empty after normalisation are left out."""
+def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = None,
+                speakers: list | None = None) -> dict[str, float]:
+    """Corpus CER (with its sub/del/ins parts and its bootstrap interval: over speakers when
+    every utterance names one), WER, space-normalised WER (sWER), runaway count; samples whose
+    reference is empty after normalisation are left out."""
     capped = capped or [False] * len(refs)
+    speakers = speakers or [None] * len(refs)
     pairs = [(normalize_for_cer(r), normalize_for_cer(h), normalize_for_wer(r), normalize_for_wer(h),
-              runaway(r, h, c)) for r, h, c in zip(refs, hyps, capped)]
+              runaway(r, h, c), who) for r, h, c, who in zip(refs, hyps, capped, speakers)]
     pairs = [p for p in pairs if p[0]]
     if not pairs:
         return {"cer": float("nan"), "wer": float("nan"), "swer": float("nan"), "n": 0}
@@ -128,7 +178,8 @@ def error_rates(refs: list[str], hyps: list[str], capped: list[bool] | None = No
     length = chars.substitutions + chars.deletions + chars.hits
     wer = jiwer.wer([p[2] for p in pairs], [p[3] or "" for p in pairs])
     swer = jiwer.wer([p[2] for p in pairs], [space_normalized(p[2], p[3]) or "" for p in pairs])
-    lo, hi = bootstrap_interval(_edits(chars), np.asarray([len(p[0]) for p in pairs], dtype=np.float64))
+    lo, hi = bootstrap_interval(_edits(chars), np.asarray([len(p[0]) for p in pairs], dtype=np.float64),
+                                clusters=[p[5] for p in pairs])
     return {"cer": float(chars.cer), "cer_lo": lo, "cer_hi": hi, "wer": float(wer), "swer": float(swer),
             "n": len(pairs),
             "sub": chars.substitutions / length, "del": chars.deletions / length, "ins": chars.insertions / length,
@@ -352,7 +403,8 @@ def by_domain(rows: list[dict], domains: tuple[str, ...] = DOMAINS) -> dict[str,
         groups[r["domain"]].append(r)
     def rates(group: list[dict]) -> dict[str, float]:
         return {**error_rates([r["ref"] for r in group], [r["hyp"] for r in group],
-                              [r.get("capped", False) for r in group]), "cer_fluent": fluent_cer(group),
+                              [r.get("capped", False) for r in group], [r.get("speaker") for r in group]),
+                "cer_fluent": fluent_cer(group),
                 **fidelity(group)}
 
     out = {d: rates(groups[d]) for d in (*domains, *(d for d in groups if d not in domains))}
@@ -384,7 +436,7 @@ def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
             lines.append(f"{name:<10} {0:>6} {'-':>8} {'-':>15} {'-':>7} {'-':>7} {'-':>7} {'-':>8} {'-':>8} {'-':>8}"
                          "   (no samples)")
         else:
-            ci = f"{r['cer_lo']:.4f}-{r['cer_hi']:.4f}"
+            ci = f"{r['cer_lo']:.4f}-{r['cer_hi']:.4f}" if r.get("cer_lo") is not None else "n/a"
             swer = f"{r['swer']:>8.4f}" if "swer" in r else f"{'-':>8}"  # results saved before sWER existed
             lines.append(f"{name:<10} {r['n']:>6} {r['cer']:>8.4f} {ci:>15} {r['sub']:>7.4f} {r['del']:>7.4f} "
                          f"{r['ins']:>7.4f} {r['wer']:>8.4f} {swer} {r['runaway']:>8}")
@@ -412,42 +464,82 @@ def row_id(row: dict) -> str:
     return row.get("id", row["key"])
 
 
-def compare(rows_a: list[dict], rows_b: list[dict]) -> dict[str, dict[str, float]]:
+def compare(rows_a: list[dict], rows_b: list[dict], correct: bool = True) -> dict[str, dict[str, float]]:
     """Model B against model A on the utterances both decoded (matched by `row_id`), per domain and
-    overall: both CERs, B - A, and the paired bootstrap interval of B - A."""
+    overall: both CERs, B - A with its paired bootstrap interval (over speakers when every
+    utterance names one) and p-value, and the same for the share of misread words written as
+    said. `real` / `faithful_real`: the difference is real after Holm's correction over every
+    comparison of the table (`correct=False` leaves that to a caller pooling several tables:
+    `mark_real`)."""
     b_by_id = {row_id(r): r for r in rows_b}
     pairs = [(a, b_by_id[row_id(a)]) for a in rows_a if row_id(a) in b_by_id]
+    pairs = [(a, b) for a, b in pairs if normalize_for_cer(a["ref"])]  # as the CER counts them
     seen = [d for d in dict.fromkeys(a["domain"] for a, _ in pairs) if d not in DOMAINS]
     out = {}
     for name in (*DOMAINS, *seen, "all"):
         group = [(a, b) for a, b in pairs if name == "all" or a["domain"] == name]
-        refs = [a["ref"] for a, _ in group]
-        edits_a, lengths = utterance_edits(refs, [a["hyp"] for a, _ in group])
-        edits_b, _ = utterance_edits(refs, [b["hyp"] for _, b in group])
-        if not len(lengths):
+        if not group:
             out[name] = {"n": 0}
             continue
+        refs, speakers = [a["ref"] for a, _ in group], [a.get("speaker") for a, _ in group]
+        edits_a, lengths = utterance_edits(refs, [a["hyp"] for a, _ in group])
+        edits_b, _ = utterance_edits(refs, [b["hyp"] for _, b in group])
         cer_a, cer_b = float(edits_a.sum() / lengths.sum()), float(edits_b.sum() / lengths.sum())
-        lo, hi = bootstrap_interval(edits_a, lengths, edits_b)
-        out[name] = {"n": len(lengths), "cer_a": cer_a, "cer_b": cer_b, "diff": cer_b - cer_a, "diff_lo": lo,
-                     "diff_hi": hi, "real": bool(lo > 0 or hi < 0), **compare_fidelity(group)}
+        stats = bootstrap_draws(edits_a, lengths, edits_b, speakers)
+        lo, hi = np.percentile(stats, [2.5, 97.5]).tolist() if len(stats) else (None, None)
+        out[name] = {"n": len(lengths), "speakers": len(set(speakers)) if None not in speakers else None,
+                     "cer_a": cer_a, "cer_b": cer_b, "diff": cer_b - cer_a, "diff_lo": lo, "diff_hi": hi,
+                     "p": bootstrap_p(stats), **compare_fidelity(group)}
+    if correct:
+        mark_real([out])
     return out
+
+
+def mark_real(tables: list[dict], alpha: float = 0.05) -> dict:
+    """Set `real` and `faithful_real` in every row of `tables` (outputs of `compare`) by Holm's
+    correction over all their comparisons together; returns {comparison: real}."""
+    pvalues = {(t, name, kind): row[key] for t, table in enumerate(tables) for name, row in table.items()
+               for kind, key in (("cer", "p"), ("faithful", "faithful_p")) if row.get(key) is not None}
+    real = holm(pvalues, alpha)
+    for t, table in enumerate(tables):
+        for name, row in table.items():
+            if "p" in row:
+                row["real"] = real[t, name, "cer"]
+            if row.get("faithful_p") is not None:
+                row["faithful_real"] = real[t, name, "faithful"]
+    return real
+
+
+def interval_text(lo: float | None, hi: float | None, spec: str = "+.3f") -> str:
+    """"lo..hi", or "n/a" where there is no interval (fewer than 2 utterances or speakers)."""
+    return "n/a" if lo is None or hi is None else f"{lo:{spec}}..{hi:{spec}}"
+
+
+def real_rule(tables: list[dict]) -> str:
+    """The sentence under a comparison table that says what its marks mean."""
+    m = sum(row.get(key) is not None for table in tables for row in table.values() for key in ("p", "faithful_p"))
+    units = ("speakers" if all(row.get("speakers") for table in tables for row in table.values() if row.get("n"))
+             else "utterances")
+    return (f"95 % intervals: paired percentile bootstrap over {units} (1000 draws); a real difference: significant "
+            f"after Holm's correction for the {m} comparisons of the table (bootstrap p-values, family-wise 5 %).")
 
 
 def compare_fidelity(pairs: list[tuple[dict, dict]]) -> dict:
     """The share of misread words written as said, A and B, and the paired bootstrap interval
-    of B - A over the utterances with a target text; None where there is none ("n/a")."""
-    counts = [(misreads(a["target"], a["ref"], a["hyp"]), misreads(b["target"], b["ref"], b["hyp"]))
+    and p-value of B - A over the utterances with a target text (resampled by speaker when all
+    name one); None where there is no misread word ("n/a")."""
+    counts = [(misreads(a["target"], a["ref"], a["hyp"]), misreads(b["target"], b["ref"], b["hyp"]), a.get("speaker"))
               for a, b in pairs if a.get("target")]
-    words = np.asarray([ca["misread"] for ca, _ in counts], dtype=np.float64)
+    words = np.asarray([ca["misread"] for ca, _, _ in counts], dtype=np.float64)
     if not words.sum():
         return {"faithful_a": None, "faithful_b": None, "faithful_diff": None}
-    kept_a = np.asarray([ca["faithful"] for ca, _ in counts], dtype=np.float64)
-    kept_b = np.asarray([cb["faithful"] for _, cb in counts], dtype=np.float64)
-    lo, hi = bootstrap_interval(kept_a, words, kept_b)
+    kept_a = np.asarray([ca["faithful"] for ca, _, _ in counts], dtype=np.float64)
+    kept_b = np.asarray([cb["faithful"] for _, cb, _ in counts], dtype=np.float64)
+    stats = bootstrap_draws(kept_a, words, kept_b, [who for _, _, who in counts])
+    lo, hi = np.percentile(stats, [2.5, 97.5]).tolist() if len(stats) else (None, None)
     fa, fb = float(kept_a.sum() / words.sum()), float(kept_b.sum() / words.sum())
     return {"faithful_a": fa, "faithful_b": fb, "faithful_diff": fb - fa, "faithful_lo": lo, "faithful_hi": hi,
-            "faithful_real": bool(lo > 0 or hi < 0)}
+            "faithful_p": bootstrap_p(stats), "misread_words": int(words.sum())}
 
 
 def format_comparison(table: dict[str, dict[str, float]], a: str, b: str) -> str:
@@ -459,7 +551,7 @@ def format_comparison(table: dict[str, dict[str, float]], a: str, b: str) -> str
             continue
         verdict = "a real difference" if r["real"] else "within noise"
         lines.append(f"{name:<10} {r['n']:>6} {r['cer_a']:>8.4f} {r['cer_b']:>8.4f} {r['diff']:>+8.4f} "
-                     f"{r['diff_lo']:>+8.4f}..{r['diff_hi']:>+7.4f}   {verdict}")
+                     f"{interval_text(r['diff_lo'], r['diff_hi'], '+.4f'):>17}   {verdict}")
     lines.append("misread words written as said (faithful share), B against A:")
     for name, r in table.items():
         if r.get("faithful_diff") is None:
@@ -467,5 +559,7 @@ def format_comparison(table: dict[str, dict[str, float]], a: str, b: str) -> str
             continue
         verdict = "a real difference" if r["faithful_real"] else "within noise"
         lines.append(f"{name:<10} A {r['faithful_a']:.3f}  B {r['faithful_b']:.3f}  B - A {r['faithful_diff']:+.3f} "
-                     f"({r['faithful_lo']:+.3f}..{r['faithful_hi']:+.3f})   {verdict}")
+                     f"({interval_text(r['faithful_lo'], r['faithful_hi'])}, {r['misread_words']} misread words)   "
+                     f"{verdict}")
+    lines.append(real_rule([table]))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from . import evaluate, strictjson
-from .metrics import compare
+from .metrics import compare, interval_text, mark_real, real_rule
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("token", "none")
@@ -63,21 +63,23 @@ def table(evals: dict[str, dict[str, dict]]) -> tuple[list[str], dict]:
     and the faithful share of misread words for both arms; and the comparisons themselves."""
     rows = ["| held out | domain | n | CER base | CER none | CER token | token - none (95 % CI) | faithful none | "
             "faithful token | token - none (95 % CI) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    comparisons = {}
+    comparisons = {split: compare(by["none"]["samples"], by["token"]["samples"], correct=False)
+                   for split, by in evals.items()}
+    mark_real(list(comparisons.values()))  # one family: every comparison of the table
     for split, by in evals.items():
-        versus = compare(by["none"]["samples"], by["token"]["samples"])
-        comparisons[split] = versus
+        versus = comparisons[split]
         for d in versus:  # every domain the data has, then "all"
             v, base = versus[d], by["base"]["results"].get(d, {}).get("cer", float("nan"))
             if not v.get("n"):
                 rows.append(f"| {split} | {d} | 0 | - | - | - | - | - | - | - |")
                 continue
-            cer_ci = f"{v['diff']:+.3f} ({v['diff_lo']:+.3f}..{v['diff_hi']:+.3f}){' *' if v['real'] else ''}"
+            cer_ci = f"{v['diff']:+.3f} ({interval_text(v['diff_lo'], v['diff_hi'])}){' *' if v['real'] else ''}"
             if v.get("faithful_diff") is None:
                 faithful = "n/a | n/a | n/a"
             else:
+                mark = " *" if v["faithful_real"] else ""
                 faithful = (f"{v['faithful_a']:.3f} | {v['faithful_b']:.3f} | {v['faithful_diff']:+.3f} "
-                            f"({v['faithful_lo']:+.3f}..{v['faithful_hi']:+.3f}){' *' if v['faithful_real'] else ''}")
+                            f"({interval_text(v['faithful_lo'], v['faithful_hi'])}){mark}")
             rows.append(f"| {split} | {d} | {v['n']} | {base:.3f} | {v['cer_a']:.3f} | {v['cer_b']:.3f} | "
                         f"{cer_ci} | {faithful} |")
     return rows, comparisons
@@ -105,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# Does the domain token help?", "",
         f"`{command}` ({minutes:.1f} min). Both arms: the same flags, seed, data and freeze; `none` has the 4-token "
-        "prompt and no domain rows. Intervals: paired bootstrap over utterances (1000 draws); * marks an interval "
-        "that excludes 0. Faithful: the share of misread words (said unlike `target_text`) the transcript keeps as "
-        "said; n/a where there is no misread word to count (no `target_text`, or every word read as given).", "",
-        *rows, ""])
+        "prompt and no domain rows. Faithful: the share of misread words (said unlike `target_text`) the transcript "
+        "keeps as said; n/a where there is no misread word to count (no `target_text`, or every word read as "
+        "given).", "", *rows, "", "* " + real_rule(list(comparisons.values())), ""])
     (args.out / "STUDY.md").write_text(text)
     (args.out / "study.json").write_text(strictjson.dumps({"command": command, "minutes": minutes, "extra": extra,
                                                      "comparisons": comparisons}, indent=1))

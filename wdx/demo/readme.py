@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..metrics import interval_text
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
 BLOCKS = ("results", "deploy", "augment")
@@ -58,7 +59,7 @@ def augment_table(run: dict) -> list[str]:
             faithful = (f"{r['faithful_a']:.3f} / {r['faithful_b']:.3f}" if r.get("faithful_diff") is not None
                         else "n/a")
             lines.append(f"| {split} | {domain} | {r['n']} | {r['cer_a']:.3f} | {r['cer_b']:.3f} | {r['diff']:+.3f} "
-                         f"({r['diff_lo']:+.3f}..{r['diff_hi']:+.3f}){' *' if r['real'] else ''} | {faithful} |")
+                         f"({interval_text(r['diff_lo'], r['diff_hi'])}){' *' if r['real'] else ''} | {faithful} |")
     return lines
 
 

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import strictjson  # noqa: E402
 from ..domains import DOMAINS  # noqa: E402
+from ..metrics import interval_text  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -56,7 +57,8 @@ def table(evals: dict[str, tuple[dict, dict]], labels: dict[str, str]) -> list[s
         for d in (*DOMAINS, "all"):
             b, a = before["results"][d], after["results"][d]
             lines.append(f"| {labels[split]} | {d} | {a['n']} | {b['cer']:.3f} | **{a['cer']:.3f}** "
-                         f"({a['cer_lo']:.3f}-{a['cer_hi']:.3f}) | {a['sub']:.3f} / {a['del']:.3f} / {a['ins']:.3f} | "
+                         f"({interval_text(a['cer_lo'], a['cer_hi'], '.3f')}) | "
+                         f"{a['sub']:.3f} / {a['del']:.3f} / {a['ins']:.3f} | "
                          f"{b['runaway']} -> {a['runaway']} | {b['wer']:.3f} | **{a['wer']:.3f}** |")
     return lines
 
@@ -170,7 +172,7 @@ def write_report(out: Path, evals: dict[str, tuple[dict, dict]], run_dir: Path, 
              "training used (other sentences), and `val_unseen`, read by espeak-ng voices training never heard "
              "(other variants, pitch and speed outside the training ranges). The first row of each shows "
              "adaptation with a known voice; the second, what carries over to a new one. CER: punctuation and "
-             "spaces removed (the Korean convention), with its 95 % bootstrap interval (utterances resampled, "
+             "spaces removed (the Korean convention), with its 95 % bootstrap interval (speakers resampled, "
              "1000 draws) and its parts (substitutions / deletions / insertions, fractions of the reference "
              "characters); runaway: hypotheses more than twice their reference. The base model is prompted "
              "without a domain token (it has none), the fine-tuned one with `<|domain:X|>`.", "",
