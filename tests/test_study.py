@@ -38,6 +38,28 @@ def test_the_study_trains_both_arms_from_one_cache_and_compares_them(tiny_datase
     assert result["comparisons"]["val_study"]["dyslexic"]["faithful_a"] is not None  # the misread word is counted
     # one cache served both arms: the second run built nothing
     built = [json.loads(line).get("encoder_cache/clips_built") for arm in ("token", "none")
-             for line in open(out / "runs" / arm / "metrics.jsonl") if "encoder_cache/clips_built" in line]
+             for line in open(out / "runs" / f"{arm}-seed42" / "metrics.jsonl") if "encoder_cache/clips_built" in line]
     assert built == [30, 0]
-    assert json.loads((out / "runs" / "none" / "final" / "config.json").read_text())["domain_conditioning"] == "none"
+    final = out / "runs" / "none-seed42" / "final"
+    assert json.loads((final / "config.json").read_text())["domain_conditioning"] == "none"
+    # the loop selected on val_small, which the study does not report; the seed is in the table
+    (config,) = final.parent.glob("step-*/train_config.json")
+    assert json.loads(config.read_text())["eval_split"] == "val_small"
+    assert "| val_study | 42 |" in report
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--splits", "val_small"], "--select-split val_small is also reported"),
+    (["--", "--eval-split", "val_unseen"], "--eval-split after --: the study sets it"),
+    (["--", "--seed", "3"], "--seed after --: the study sets it"),
+    (["--", "--early-stopping-patience", "2"], "the arms would stop at different steps"),
+    (["--", "--early-stopping-patience=1"], "the arms would stop at different steps"),
+])
+def test_the_study_refuses_to_select_on_what_it_reports_or_to_compare_unequal_steps(flags, message, tmp_path):
+    # issue 33.4: flags after -- could select the best model on the reported split, or stop the arms apart
+    head = flags[: flags.index("--")] if "--" in flags else flags
+    tail = flags[flags.index("--"):] if "--" in flags else []
+    with pytest.raises(SystemExit, match=message):
+        study.main(["--dataset-root", str(tmp_path), "--base-model", str(tmp_path), "--out", str(tmp_path / "o"),
+                    *head, *tail])
+    assert not (tmp_path / "o").exists()  # refused before anything ran
