@@ -95,20 +95,33 @@ def pooled(evals: dict[str, dict], arm: str, seeds: list[int]) -> list[dict]:
             for row in evals[run_name(arm, seed)]["samples"]]
 
 
-def table(evals: dict[str, dict[str, dict]], seeds: list[int]) -> tuple[list[str], dict]:
-    """Markdown rows: per split and domain the CERs (base, none, token: every seed pooled), token -
-    none with its paired interval, and the faithful share of misread words for both arms; and the
-    comparisons themselves."""
-    rows = ["| held out | domain | n | CER base | CER none | CER token | token - none (95 % CI) | misread words | "
-            "faithful none | faithful token | token - none (95 % CI) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def figures(evals: dict[str, dict[str, dict]], seeds: list[int]) -> dict:
+    """What the tables show, for study.json: per reported split the comparison of the arms (every
+    seed pooled, Holm over the whole table), the base model's CER, and each seed's figures."""
     comparisons = {split: compare(pooled(by, "none", seeds), pooled(by, "token", seeds), correct=False)
                    for split, by in evals.items()}
     mark_real(list(comparisons.values()))  # one family: every comparison of the table
-    for split, by in evals.items():
-        versus = comparisons[split]
-        for d in versus:  # every domain the data has, then "all"
-            v, base = versus[d], by["base"]["results"].get(d, {}).get("cer", float("nan"))
+    base = {split: {d: r.get("cer") for d, r in by["base"]["results"].items()} for split, by in evals.items()}
+    per_seed = {split: {str(seed): {arm: {"cer": by[run_name(arm, seed)]["results"].get("dyslexic", {}).get("cer"),
+                                          "faithful": by[run_name(arm, seed)]["results"].get("dyslexic", {})
+                                          .get("misread_faithful")} for arm in ARMS} for seed in seeds}
+                for split, by in evals.items()}
+    return {"comparisons": comparisons, "base_cer": base, "per_seed": per_seed}
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def table(result: dict) -> list[str]:
+    """Markdown: per split and domain the CERs (base, none, token), token - none with its paired
+    interval, and the faithful share of misread words for both arms; the rule of the marks; each
+    seed's dyslexic figures. From study.json alone (README renders it too)."""
+    rows = ["| held out | domain | n | CER base | CER none | CER token | token - none (95 % CI) | misread words | "
+            "faithful none | faithful token | token - none (95 % CI) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for split, versus in result["comparisons"].items():
+        for d, v in versus.items():  # every domain the data has, then "all"
             if not v.get("n"):
                 rows.append(f"| {split} | {d} | 0 | - | - | - | - | - | - | - | - |")
                 continue
@@ -118,30 +131,17 @@ def table(evals: dict[str, dict[str, dict]], seeds: list[int]) -> tuple[list[str
             else:
                 mark = " *" if v["faithful_real"] else ""
                 faithful = (f"{v['misread_words']} | {v['faithful_a']:.3f} | {v['faithful_b']:.3f} | "
-                            f"{v['faithful_diff']:+.3f} "
-                            f"({interval_text(v['faithful_lo'], v['faithful_hi'])}){mark}")
-            rows.append(f"| {split} | {d} | {v['n']} | {base:.3f} | {v['cer_a']:.3f} | {v['cer_b']:.3f} | "
-                        f"{cer_ci} | {faithful} |")
-    return rows, comparisons
-
-
-def seed_table(evals: dict[str, dict[str, dict]], seeds: list[int]) -> tuple[list[str], dict]:
-    """Markdown rows: each seed's dyslexic CER and faithful share per arm (how much a seed moves them)."""
-    rows = ["| held out | seed | CER dyslexic none | CER dyslexic token | faithful none | faithful token |",
-            "|---|---:|---:|---:|---:|---:|"]
-    figures = {}
-    for split, by in evals.items():
-        for seed in seeds:
-            got = {arm: by[run_name(arm, seed)]["results"].get("dyslexic", {}) for arm in ARMS}
-            figures.setdefault(split, {})[seed] = {arm: {"cer": r.get("cer"), "faithful": r.get("misread_faithful")}
-                                                   for arm, r in got.items()}
-
-            def show(value):
-                return "n/a" if value is None else f"{value:.3f}"
-
-            rows.append(f"| {split} | {seed} | {show(got['none'].get('cer'))} | {show(got['token'].get('cer'))} | "
-                        f"{show(got['none'].get('misread_faithful'))} | {show(got['token'].get('misread_faithful'))} |")
-    return rows, figures
+                            f"{v['faithful_diff']:+.3f} ({interval_text(v['faithful_lo'], v['faithful_hi'])}){mark}")
+            rows.append(f"| {split} | {d} | {v['n']} | {_show(result['base_cer'][split].get(d))} | {v['cer_a']:.3f} | "
+                        f"{v['cer_b']:.3f} | {cer_ci} | {faithful} |")
+    rows += ["", "* " + real_rule(list(result["comparisons"].values())), "", "Each seed, dyslexic clips:", "",
+             "| held out | seed | CER none | CER token | faithful none | faithful token |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for split, seeds in result["per_seed"].items():
+        for seed, arms in seeds.items():
+            rows.append(f"| {split} | {seed} | {_show(arms['none']['cer'])} | {_show(arms['token']['cer'])} | "
+                        f"{_show(arms['none']['faithful'])} | {_show(arms['token']['faithful'])} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,22 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     finals = {run_name(arm, seed): str(train(arm, seed, args, extra)) for seed in args.seeds for arm in ARMS}
     evals = evaluate_all({"base": args.base_model, **finals}, args)
-    rows, comparisons = table(evals, args.seeds)
-    per_seed_rows, per_seed = seed_table(evals, args.seeds)
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m wdx.study " + " ".join(argv)
+    result = {"command": command, "minutes": minutes, "extra": extra, "seeds": args.seeds,
+              "select_split": args.select_split, **figures(evals, args.seeds)}
     text = "\n".join([
         "# Does the domain token help?", "",
         f"`{command}` ({minutes:.1f} min). Both arms: the same flags, data, freeze and steps, for each seed "
         f"({', '.join(map(str, args.seeds))}); `none` has the 4-token prompt and no domain rows; the loop evaluated "
         f"on {args.select_split} only. Every seed pooled: n counts clip x seed pairs. Faithful: the share of misread "
         "words (said unlike `target_text`) the transcript keeps as said; n/a where there is no misread word to count "
-        "(no `target_text`, or every word read as given).", "", *rows, "",
-        "* " + real_rule(list(comparisons.values())), "", "Each seed:", "", *per_seed_rows, ""])
+        "(no `target_text`, or every word read as given).", "", *table(result), ""])
     (args.out / "STUDY.md").write_text(text)
-    (args.out / "study.json").write_text(strictjson.dumps(
-        {"command": command, "minutes": minutes, "extra": extra, "seeds": args.seeds,
-         "select_split": args.select_split, "comparisons": comparisons, "per_seed": per_seed}, indent=1))
+    (args.out / "study.json").write_text(strictjson.dumps(result, indent=1))
     print(text)
     return 0
 

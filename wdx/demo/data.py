@@ -53,6 +53,9 @@ class Voices:
 
 SEEN = Voices(("ko", "ko+m1", "ko+f1", "ko+f2"), (35, 65), (150, 185), (90, 130))
 UNSEEN = Voices(("ko+m3", "ko+f4"), (70, 85), (190, 210), (135, 150))
+# the token study's unseen readers (wdx.demo.token_study): twelve voices, so that its intervals resample speakers
+MANY_UNSEEN = Voices(("ko+m2", "ko+m3", "ko+m4", "ko+m5", "ko+m6", "ko+m7", "ko+f3", "ko+f4", "ko+f5", "ko+adam",
+                      "ko+linda", "ko+david"), (70, 85), (190, 210), (135, 150))
 SPLITS = {"train": SEEN, "val_small": SEEN, "val_unseen": UNSEEN}
 FORMATS = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("ogg", 24000, 1), ("m4a", 48000, 1)]
 
@@ -153,16 +156,18 @@ def make_sample(index: int, words: list[str], domain: str, seed: int, voices: Vo
             "txt": " ".join(said).encode("utf-8"), "json": meta.encode("utf-8")}
 
 
-def build(out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0) -> Path:
-    """Write OUT/train, OUT/val_small and OUT/val_unseen (`n_val` each); half of each split
-    per domain; no sentence in two splits."""
+def build(out: str | Path, n_train: int = 160, n_val: int = 40, seed: int = 0, n_unseen: int | None = None,
+          unseen: Voices = UNSEEN) -> Path:
+    """Write OUT/train, OUT/val_small (`n_val`) and OUT/val_unseen (`n_unseen`, default `n_val`,
+    read by `unseen`); half of each split per domain; no sentence in two splits."""
     out = Path(out)
     pool = sentences(seed)
-    sizes = {"train": n_train, "val_small": n_val, "val_unseen": n_val}
+    sizes = {"train": n_train, "val_small": n_val, "val_unseen": n_val if n_unseen is None else n_unseen}
+    voices = {**SPLITS, "val_unseen": unseen}
     offset = 0
     for split, size in sizes.items():
         chosen = pool[offset: offset + size]
-        samples = [make_sample(offset + i, words, ("normal", "dyslexic")[i % 2], seed, SPLITS[split])
+        samples = [make_sample(offset + i, words, ("normal", "dyslexic")[i % 2], seed, voices[split])
                    for i, words in enumerate(tqdm(chosen, desc=f"speaking {split}", unit="utt"))]
         write_split(out / split, samples, max_count=max(8, len(chosen) // 4))
         offset += size
