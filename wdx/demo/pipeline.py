@@ -104,7 +104,14 @@ def domain_models(export: Path) -> dict:
     return {d: DomainWhisperModel(export, domain=d, cpu_threads=2) for d in ("normal", "dyslexic")}
 
 
-NO_SPEECH = (None, 0.6)  # off (as wdx.evaluate, which never drops a window), faster-whisper's default
+def no_speech_thresholds() -> tuple[float | None, float]:
+    """Off (as wdx.evaluate, which never drops a window) and faster-whisper's default, which
+    DomainWhisperModel keeps."""
+    import inspect
+
+    from faster_whisper import WhisperModel
+
+    return None, inspect.signature(WhisperModel.transcribe).parameters["no_speech_threshold"].default
 
 
 def with_pauses(audio: np.ndarray, lead_s: float = 1.0, pause_s: float = 2.0) -> np.ndarray:
@@ -129,7 +136,7 @@ def no_speech_effect(export: Path, samples: list[dict]) -> list[dict]:
     refs, rows = [s["text"] for s in dyslexic], []
     for variant, make in (("as read", lambda a: a), ("1 s of silence first, a 2 s pause inside", with_pauses)):
         audios = [make(np.asarray(s["audio"], np.float32)) for s in dyslexic]
-        for threshold in NO_SPEECH:
+        for threshold in no_speech_thresholds():
             hyps, probs = [], []
             for audio in audios:
                 segments, _ = model.transcribe(audio, language="ko", no_speech_threshold=threshold)
@@ -194,7 +201,12 @@ def cost_per_backend(final: Path, export: Path, samples: list[dict], clips: Path
         soundfile.write(clips / f"{s['key']}.wav", np.asarray(s["audio"], np.float32), 16000)
         paths.append(str(clips / f"{s['key']}.wav"))
     ways = {"wdx.transcribe (transformers, final/)": ["wdx.transcribe", str(final), "--device", "cpu", *paths],
-            "wdx.transcribe --backend ct2 (int8)": ["wdx.transcribe", str(export), "--backend", "ct2", *paths],
+            # batch 1 decodes as faster-whisper's sequential transcribe does (the encoder's attention of every clip
+            # of a batch is alive at once: ~70 MB per clip for base)
+            "wdx.transcribe --backend ct2 (int8, --batch-size 1)": ["wdx.transcribe", str(export), "--backend", "ct2",
+                                                                    "--batch-size", "1", *paths],
+            "wdx.transcribe --backend ct2 (int8, --batch-size 8)": ["wdx.transcribe", str(export), "--backend", "ct2",
+                                                                    *paths],
             "faster-whisper int8 (`python -m wdx.deploy`)": ["wdx.deploy", str(export), "--domain", "normal", *paths]}
     costs = {}
     for name, argv in ways.items():

@@ -17,10 +17,14 @@ import sys
 from pathlib import Path
 
 from ..metrics import interval_text
+from ..study import table as study_table
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
-BLOCKS = ("results", "deploy", "augment")
-AUGMENT = Path(__file__).resolve().parents[2] / "bench" / "augment.json"  # the augmentation measurement
+BLOCKS = ("results", "deploy", "augment", "rows", "study")
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+AUGMENT = BENCH / "augment.json"  # the augmentation measurement
+ROWS = BENCH / "rows_init.json"  # python -m bench.rows_init
+STUDY = BENCH / "study.json"  # make study
 
 
 def render(figures: dict) -> dict[str, str]:
@@ -39,11 +43,60 @@ def render(figures: dict) -> dict[str, str]:
               *cost_table(figures["costs"]), "",
               "`DomainWhisperModel` (int8) on the dyslexic clips with each `no_speech_threshold`, as read and as a "
               "hesitant reader says them (silence before the first word, a pause inside):", "",
-              *no_speech_table(figures["no_speech"]), "",
+              *no_speech_table(figures["no_speech"]), "", no_speech_verdict(figures["no_speech"]), "",
               "Held-out sentences of one domain read one after another with 0.6 s pauses, each recording decoded "
               "whole:", "", *longform_table(figures["longform"])]
     return {"results": "\n".join(results), "deploy": "\n".join(deploy),
-            "augment": "\n".join(augment_table(json.loads(AUGMENT.read_text())))}
+            "augment": "\n".join(augment_table(json.loads(AUGMENT.read_text()))),
+            "rows": "\n".join(rows_table(json.loads(ROWS.read_text()))),
+            "study": "\n".join(study_block(json.loads(STUDY.read_text())))}
+
+
+def rows_table(run: dict) -> list[str]:
+    """bench/rows_init.json: how the domain rows start and learn, and what the token then changes."""
+    lines = [f"Measured on {run['date']} ({run['machine']}, {run['minutes']:.0f} min; `python -m bench.rows_init`): "
+             f"`{run['recipe']}` with each start and row learning rate, `final/` decoded with both tokens on the "
+             f"{run['variants'][0]['n']} dyslexic clips of `val_small` (seen voices).", "",
+             "| rows start (`--domain-rows-init`) | row lr (`--domain-rows-lr-scale`) | rows apart (L2) | transcripts "
+             "the token changed (dyslexic + normal) | dyslexic CER, right token / wrong token (95 % CI of the right) "
+             "| misread words faithful / repaired |", "|---|---|---:|---:|---:|---:|"]
+    for v in run["variants"]:
+        start = "the mean row, both" if v["init"] == 0 else f"mean + {v['init']:g} std of noise each"
+        shares = ("n/a" if v["faithful"] is None else f"{v['faithful']:.2f} / {v['repaired']:.2f}")
+        lines.append(f"| {start} | x{v['lr_scale']:g} | {v['rows_apart']:.4f} | {v['changed']['dyslexic']} + "
+                     f"{v['changed']['normal']} | {v['cer_right']:.3f} / {v['cer_wrong']:.3f} "
+                     f"({interval_text(v['cer_lo'], v['cer_hi'], '.3f')}) | {shares} |")
+    return lines
+
+
+def study_block(run: dict) -> list[str]:
+    """bench/study.json: the command, the table and what it says."""
+    unseen = run["comparisons"]["val_unseen"]
+    d = unseen["dyslexic"]
+    faithful = ("no misread word was counted" if d.get("faithful_diff") is None else
+                f"the token arm kept {d['faithful_b']:.3f} of {d['misread_words']} misread words as said against "
+                f"{d['faithful_a']:.3f} without it (difference {d['faithful_diff']:+.3f}, 95 % interval "
+                f"{interval_text(d['faithful_lo'], d['faithful_hi'])}, "
+                f"{'real after Holm' if d['faithful_real'] else 'within noise'})")
+    verdict = (f"On unseen voices the dyslexic CER was {d['cer_b']:.3f} with the token and {d['cer_a']:.3f} without "
+               f"(difference {d['diff']:+.3f}, 95 % interval {interval_text(d['diff_lo'], d['diff_hi'])}, "
+               f"{'real after Holm' if d['real'] else 'within noise'}), and {faithful}.")
+    return [f"`make study` on {run['date']} ({run['machine']}, {run['total_minutes']:.0f} min): `{run['command']}`, "
+            f"{len(run['seeds'])} seeds per arm, the reported split read by {run['voices']} espeak-ng voices training "
+            "never heard.", "", *study_table(run), "", verdict]
+
+
+def no_speech_verdict(rows: list[dict]) -> str:
+    """The sentence that says which no_speech_threshold DomainWhisperModel uses, and why, from the rows."""
+    top = max((r["max_no_speech_prob"] for r in rows if r["max_no_speech_prob"] is not None), default=None)
+    blanked = sum(r["empty"] for r in rows if r["threshold"] is not None)
+    default = next((r["threshold"] for r in rows if r["threshold"] is not None), None)
+    if top is None or default is None:
+        return "No clip was decoded with a threshold, so none was measured."
+    return (f"`DomainWhisperModel.transcribe` keeps faster-whisper's `no_speech_threshold={default}`: the largest "
+            f"no-speech probability of any of these clips was {top:.3f}, and it blanked {blanked} of them (a window "
+            "of silence in a long file is still dropped rather than transcribed as text nobody said). Measure it on "
+            "your own readers' recordings before relying on it: `no_speech_threshold=None` never drops a window.")
 
 
 def augment_table(run: dict) -> list[str]:
