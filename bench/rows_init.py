@@ -31,6 +31,8 @@ from wdx.demo.pipeline import BATCH, MAX_NEW_TOKENS, train_command
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = [(0.0, 1.0), (0.0, 10.0), (1.0, 1.0), (1.0, 10.0)]  # (--domain-rows-init, --domain-rows-lr-scale)
+RECIPE = ("make demo's fine-tune (wdx.demo.pipeline.train_command: 80 clips, 2 epochs of 8 at lr 1e-4) with "
+          "--domain-rows-init and --domain-rows-lr-scale as in each row, --num-examples 0")
 
 
 def rows_apart(final: Path) -> float:
@@ -70,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = [measure(args.demo, init, scale, args.demo / "rows_init") for init, scale in VARIANTS]
     run = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-           "minutes": (time.perf_counter() - t0) / 60, "variants": rows,
-           "recipe": " ".join(a.replace(f"{REPO}/", "") for a in train_command(Path("demo_out/data"),
-                                                                              Path("demo_out/whisper-base"),
-                                                                              Path("demo_out/rows_init"))[3:])}
+           "minutes": (time.perf_counter() - t0) / 60, "variants": rows, "recipe": RECIPE}
     args.json.write_text(strictjson.dumps(run, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
     return 0

@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..domains import ROWS_INIT
 from ..metrics import interval_text
 from ..study import table as study_table
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
@@ -55,8 +56,8 @@ def render(figures: dict) -> dict[str, str]:
 def rows_table(run: dict) -> list[str]:
     """bench/rows_init.json: how the domain rows start and learn, and what the token then changes."""
     lines = [f"Measured on {run['date']} ({run['machine']}, {run['minutes']:.0f} min; `python -m bench.rows_init`): "
-             f"`{run['recipe']}` with each start and row learning rate, `final/` decoded with both tokens on the "
-             f"{run['variants'][0]['n']} dyslexic clips of `val_small` (seen voices).", "",
+             f"{run['recipe']}; `final/` decoded with both tokens on the {run['variants'][0]['n']} dyslexic clips of "
+             "`val_small` (seen voices).", "",
              "| rows start (`--domain-rows-init`) | row lr (`--domain-rows-lr-scale`) | rows apart (L2) | transcripts "
              "the token changed (dyslexic + normal) | dyslexic CER, right token / wrong token (95 % CI of the right) "
              "| misread words faithful / repaired |", "|---|---|---:|---:|---:|---:|"]
@@ -66,6 +67,16 @@ def rows_table(run: dict) -> list[str]:
         lines.append(f"| {start} | x{v['lr_scale']:g} | {v['rows_apart']:.4f} | {v['changed']['dyslexic']} + "
                      f"{v['changed']['normal']} | {v['cer_right']:.3f} / {v['cer_wrong']:.3f} "
                      f"({interval_text(v['cer_lo'], v['cer_hi'], '.3f')}) | {shares} |")
+    same = [v for v in run["variants"] if v["init"] == 0]
+    default = next(v for v in run["variants"] if v["init"] == ROWS_INIT and v["lr_scale"] == 1)
+    best = min(run["variants"], key=lambda v: v["cer_right"])
+    lines += ["", f"Rows started identical changed {' and '.join(str(v['changed']['dyslexic']) for v in same)} "
+              f"dyslexic transcripts (x1, x10); the default ({ROWS_INIT:g}, x1) changed "
+              f"{default['changed']['dyslexic']}, with a dyslexic CER of {default['cer_right']:.3f} under the right "
+              f"token and {default['cer_wrong']:.3f} under the wrong one. The lowest right-token CER here is "
+              f"{best['cer_right']:.3f} (start {best['init']:g}, x{best['lr_scale']:g}); on "
+              f"{best['n']} clips that is not a reason to change the default; `make study` (below) measures the token "
+              "at the default."]
     return lines
 
 
