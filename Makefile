@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deploy.tx
 demo: install
 	$(PY) -m wdx.demo demo_out
 
-# Does the domain token help? Three seeds per arm, 216 unseen-voice clips (~1 h on 2 cores): bench/study.json
+# Does the domain token help? Three seeds per arm, 216 unseen-voice clips (35 min on 2 cores): bench/study.json
 study: install
 	$(PY) -m wdx.demo.token_study study_out
 

@@ -201,8 +201,8 @@ def cost_per_backend(final: Path, export: Path, samples: list[dict], clips: Path
         soundfile.write(clips / f"{s['key']}.wav", np.asarray(s["audio"], np.float32), 16000)
         paths.append(str(clips / f"{s['key']}.wav"))
     ways = {"wdx.transcribe (transformers, final/)": ["wdx.transcribe", str(final), "--device", "cpu", *paths],
-            # batch 1 decodes as faster-whisper's sequential transcribe does (the encoder's attention of every clip
-            # of a batch is alive at once: ~70 MB per clip for base)
+            # batch 1 (its default) decodes as faster-whisper's sequential transcribe does (the encoder's attention
+            # of every clip of a batch is alive at once)
             "wdx.transcribe --backend ct2 (int8, --batch-size 1)": ["wdx.transcribe", str(export), "--backend", "ct2",
                                                                     "--batch-size", "1", *paths],
             "wdx.transcribe --backend ct2 (int8, --batch-size 8)": ["wdx.transcribe", str(export), "--backend", "ct2",
