@@ -21,12 +21,13 @@ from ..metrics import interval_text
 from ..study import table as study_table
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
-BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf")
+BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache")
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 AUGMENT = BENCH / "augment.json"  # the augmentation measurement
 ROWS = BENCH / "rows_init.json"  # python -m bench.rows_init
 STUDY = BENCH / "study.json"  # make study
 PERF = BENCH / "results.json"  # python -m bench.run --json bench/results.json
+CACHE = BENCH / "encoder_cache.json"  # python -m bench.encoder_cache
 
 
 def render(figures: dict) -> dict[str, str]:
@@ -52,7 +53,8 @@ def render(figures: dict) -> dict[str, str]:
             "augment": "\n".join(augment_table(json.loads(AUGMENT.read_text()))),
             "rows": "\n".join(rows_table(json.loads(ROWS.read_text()))),
             "study": "\n".join(study_block(json.loads(STUDY.read_text()))),
-            "perf": "\n".join(perf_block(json.loads(PERF.read_text())))}
+            "perf": "\n".join(perf_block(json.loads(PERF.read_text()))),
+            "cache": "\n".join(cache_block(json.loads(CACHE.read_text())))}
 
 
 def rows_table(run: dict) -> list[str]:
@@ -117,6 +119,30 @@ def perf_block(run: dict) -> list[str]:
     lines += ["", f"With 0 workers the loop takes {step['overhead_w0']:.2f}x the floor's time per sample and runs "
               f"{step['speedup_w0']:.2f}x as fast as `Seq2SeqTrainer`; with 1 worker, {step['overhead_w1']:.2f}x and "
               f"{step['speedup_w1']:.2f}x."]
+    return lines
+
+
+def cache_block(run: dict) -> list[str]:
+    """bench/encoder_cache.json: epochs from audio against epochs from the encoder cache, per geometry."""
+    names = {"base": "whisper-base shapes (d_model {d_model}, {layers} + {layers} layers)",
+             "32+32": "large-v3's layer counts ({layers} + {layers}, 128 mel bins) at d_model {d_model}"}
+    lines = [f"{run['machine']}, {run['train_clips']} training clips, batch {run['batch']}:", "",
+             "| geometry | frozen blocks | epoch from audio | build | cached epoch 1 | cached epoch 2 | speed-up | "
+             "FLOP bound | of bound | first epoch (build + epoch) | disk per clip |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, g in run["geometries"].items():
+        audio = g["epoch_s_audio"][-1]  # the last epoch from audio: the one the ratios compare against
+        lines.append(f"| {names.get(key, key).format(**g)} | {g['frozen_blocks']} | {audio:.1f} s | "
+                     f"{g['build_s']:.1f} s ({g['clips_built']} clips) | {g['epoch_s_cached'][0]:.1f} s | "
+                     f"{g['epoch_s_cached'][1]:.1f} s | **{g['speedup']:.2f}x** | {g['flop_bound']:.2f}x | "
+                     f"{100 * g['of_bound']:.0f} % | {g['first_epoch_ratio']:.2f}x | "
+                     f"{g['mb_per_clip']:.2f} MB (fp32) |")
+    big = run["geometries"].get("32+32")
+    if big:
+        met = big["speedup"] >= 2.0 and big["of_bound"] >= 0.85 and big["first_epoch_ratio"] <= 1.15
+        lines += ["", "Targets for the 32 + 32 model (>= 2.0x per epoch after the first, >= 85 % of the bound, first "
+                  f"epoch <= 1.15x an epoch from audio): **{'met' if met else 'not met on this CPU'}** "
+                  f"({big['speedup']:.2f}x, {100 * big['of_bound']:.0f} %, {big['first_epoch_ratio']:.2f}x)."]
     return lines
 
 
