@@ -16,7 +16,8 @@ both, and takes it out of what the decoder returns (its id lies above the timest
 faster-whisper would read it as one). Every domain token is suppressed in generation (and
 every timestamp token when the prompt has <|notimestamps|>): faster-whisper's own
 `suppress_tokens` holds neither, and a domain token generated mid-text would be read as a
-timestamp, splitting or dropping text. It also pads the last window's log-mel frames with the
+timestamp, splitting or dropping text. Word timestamps are aligned under the same prompt
+(faster-whisper's alignment leaves the domain token out). It also pads the last window's log-mel frames with the
 log-mel of silence, as Whisper, transformers and training do (faster-whisper pads with 0.0,
 which changes some transcripts). This file needs only faster-whisper and the standard
 library (no torch, no transformers): a deployment may copy it without wdx. The command line
