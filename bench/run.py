@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. memory: one step's peak, before/after issue 12 (the model's own geometry; see bench/memory.py)
     mem_batch, mem_tokens = (1, 64) if args.smoke else (4, 448)
     results["memory"] = mem = memory.bench(str(model), mem_batch, mem_tokens, args.smoke)
+    results["memory_shape"] = {"model": model.name, "batch": mem_batch, "tokens": mem_tokens}
     print(f"\n== memory of one training step (peak allocated, GiB), {model.name} geometry, batch {mem_batch} x "
           f"{mem_tokens} decoder tokens, last 4 + 4 blocks trained")
     print(f"{'':<44}{'before':>8}{'after':>8}{'ratio':>7}")

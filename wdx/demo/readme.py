@@ -21,7 +21,7 @@ from ..metrics import interval_text
 from ..study import table as study_table
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
-BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache")
+BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache", "memory")
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 AUGMENT = BENCH / "augment.json"  # the augmentation measurement
 ROWS = BENCH / "rows_init.json"  # python -m bench.rows_init
@@ -54,7 +54,8 @@ def render(figures: dict) -> dict[str, str]:
             "rows": "\n".join(rows_table(json.loads(ROWS.read_text()))),
             "study": "\n".join(study_block(json.loads(STUDY.read_text()))),
             "perf": "\n".join(perf_block(json.loads(PERF.read_text()))),
-            "cache": "\n".join(cache_block(json.loads(CACHE.read_text())))}
+            "cache": "\n".join(cache_block(json.loads(CACHE.read_text()))),
+            "memory": "\n".join(memory_block(json.loads(PERF.read_text())))}
 
 
 def rows_table(run: dict) -> list[str]:
@@ -116,9 +117,27 @@ def perf_block(run: dict) -> list[str]:
         r = step[key]
         rate = f"**{r['samples_per_s']:.2f}**" if key == "wdx/w0" else f"{r['samples_per_s']:.2f}"
         lines.append(f"| {name} | {workers} | {rate} | {r['peak_rss_mib']:.0f} MiB |")
+    met = step["overhead_w0"] <= 1.05 and step["speedup_w0"] >= 1.0
     lines += ["", f"With 0 workers the loop takes {step['overhead_w0']:.2f}x the floor's time per sample and runs "
               f"{step['speedup_w0']:.2f}x as fast as `Seq2SeqTrainer`; with 1 worker, {step['overhead_w1']:.2f}x and "
-              f"{step['speedup_w1']:.2f}x."]
+              f"{step['speedup_w1']:.2f}x. Targets with 0 workers (overhead <= 1.05x, at least as fast as "
+              f"`Seq2SeqTrainer`): **{'met' if met else 'not met in this run'}**."]
+    return lines
+
+
+def memory_block(run: dict) -> list[str]:
+    """bench/results.json's memory section: one training step's peak, before and after issue 12."""
+    shape = run["memory_shape"]
+    lines = [f"Peak GiB of one step, the bench's model ({shape['model']}) at batch {shape['batch']} x "
+             f"{shape['tokens']} decoder tokens unless the row says otherwise:", "",
+             "| step (last 4 + 4 blocks trained) | before | after | after / before |", "|---|---:|---:|---:|"]
+    for name, r in run["memory"].items():
+        lines.append(f"| {name} | {r['before_gib']:.2f} | **{r['after_gib']:.2f}** | "
+                     f"{r['after_gib'] / r['before_gib']:.2f} |")
+    big = next((r for name, r in run["memory"].items() if name.startswith("large-v3")), None)
+    if big:
+        lines += ["", f"Trained parameters held by AdamW for large-v3: {big['trained_before'] / 1e6:.1f} M before (the "
+                  f"whole tied embedding), {big['trained_after'] / 1e6:.1f} M after."]
     return lines
 
 
