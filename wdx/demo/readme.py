@@ -209,6 +209,8 @@ def augment_table(run: dict) -> list[str]:
                         else "n/a")
             lines.append(f"| {split} | {domain} | {r['n']} | {r['cer_a']:.3f} | {r['cer_b']:.3f} | {r['diff']:+.3f} "
                          f"({interval_text(r['diff_lo'], r['diff_hi'])}){' *' if r['real'] else ''} | {faithful} |")
+    real = sum(r.get("real", False) for result in run["splits"].values() for r in result["compare"].values())
+    lines += ["", f"* marks a difference that survives Holm's correction over the table: {real} here."]
     return lines
 
 
