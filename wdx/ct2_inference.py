@@ -19,8 +19,6 @@ import numpy as np
 
 from .domains import check_prompt_domain, model_domains, prompt_tokens
 
-N_SAMPLES = 30 * 16000  # Whisper's window
-
 
 class CT2Transcriber:
     """A CTranslate2 Whisper export + its tokenizer; `__call__` transcribes a batch of 16 kHz clips greedily."""
@@ -59,9 +57,10 @@ class CT2Transcriber:
         return ids
 
     def features(self, clip: np.ndarray) -> np.ndarray:
-        if len(clip) > N_SAMPLES:
+        window = self.log_mel.n_samples  # Whisper's 30 s, as faster-whisper's extractor holds it
+        if len(clip) > window:
             raise ValueError(f"audio of {len(clip)} samples is longer than 30 s; it must be cut (wdx.longform)")
-        return self.log_mel(np.pad(np.asarray(clip, np.float32), (0, N_SAMPLES - len(clip))), padding=0)
+        return self.log_mel(np.pad(np.asarray(clip, np.float32), (0, window - len(clip))), padding=0)
 
     def __call__(self, clips: list[np.ndarray], domains: list[str]) -> list[str]:
         import ctranslate2

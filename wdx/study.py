@@ -102,9 +102,11 @@ def figures(evals: dict[str, dict[str, dict]], seeds: list[int]) -> dict:
                    for split, by in evals.items()}
     mark_real(list(comparisons.values()))  # one family: every comparison of the table
     base = {split: {d: r.get("cer") for d, r in by["base"]["results"].items()} for split, by in evals.items()}
-    per_seed = {split: {str(seed): {arm: {"cer": by[run_name(arm, seed)]["results"].get("dyslexic", {}).get("cer"),
-                                          "faithful": by[run_name(arm, seed)]["results"].get("dyslexic", {})
-                                          .get("misread_faithful")} for arm in ARMS} for seed in seeds}
+    def dyslexic(by: dict, arm: str, seed: int) -> dict:
+        r = by[run_name(arm, seed)]["results"].get("dyslexic", {})
+        return {"cer": r.get("cer"), "faithful": r.get("misread_faithful")}
+
+    per_seed = {split: {str(seed): {arm: dyslexic(by, arm, seed) for arm in ARMS} for seed in seeds}
                 for split, by in evals.items()}
     return {"comparisons": comparisons, "base_cer": base, "per_seed": per_seed}
 
