@@ -2,27 +2,22 @@
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
-from transformers import WhisperConfig
 
 import train_loop
-from wdx.plan import GIB, Step, card_needs, load_config, per_gpu, simulate
+from bench.plan import LARGE_V3, SHAPES, shaped
+from wdx.plan import GIB, Step, card_needs, load_config, per_gpu, plan_table, simulate
 
 
-def shaped(d_model: int, layers: int) -> WhisperConfig:
-    """Random-init geometry of a Whisper size (the real vocabulary: the loss's share is real)."""
-    return WhisperConfig(d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
-                         decoder_attention_heads=4, encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-                         num_mel_bins=80, vocab_size=51865)
-
-
-@pytest.mark.parametrize("geometry,batch,tokens,precision", [
-    ((384, 4), 2, 100, "no"),  # whisper-tiny's shape (base's: +0.2 %, in the README; 16 s more here)
-    ((128, 2), 1, 40, "bf16"),  # bf16 at a size this CPU runs (its bf16 kernels are slow)
+@pytest.mark.parametrize("name,d_model,layers,precision,batch,tokens", [
+    SHAPES[0],  # whisper-tiny's shape (base's, in bench/plan.json, takes 16 s more)
+    SHAPES[2],  # bf16 at a size this CPU runs (its bf16 kernels are slow)
 ])
-def test_the_plan_is_within_15_percent_of_the_measured_peak(geometry, batch, tokens, precision):
-    config = shaped(*geometry)
+def test_the_plan_is_within_15_percent_of_the_measured_peak(name, d_model, layers, precision, batch, tokens):
+    config = shaped(d_model, layers)
     planned = simulate(config, 2, 2, batch, tokens, precision, deepspeed=False)
     measured = simulate(config, 2, 2, batch, tokens, precision, deepspeed=False, fake=False)
     assert planned.trainable == measured.trainable and planned.weights == measured.weights
@@ -103,3 +98,9 @@ def test_the_plan_prices_gradient_checkpointing_and_zero_s_16_bit_gradient_parti
     assert per_gpu(step, "ZeRO-2", 4)["states"] == (4 + 4 + 8 + 4) * 10**8 / 4
     assert per_gpu(step, "ZeRO-3", 4)["states"] == (4 + 4 + 8 + 4) * 10**8 / 4
     assert per_gpu(step, "ZeRO-2", 4)["buckets"] == (2 * 5e7 + 5e7) * 2 + 5e7 * 4  # + the bucket reduced in fp32
+
+
+def test_bench_plan_json_holds_what_the_plan_prints_at_this_code():
+    # README's --plan block is rendered from bench/plan.json: a change to the plan re-makes it (python -m bench.plan)
+    run = json.loads((Path(__file__).resolve().parents[1] / "bench" / "plan.json").read_text())
+    assert run["large_v3"]["off"] == plan_table(LARGE_V3, 4, 4, 8, 448, "bf16", 1, False)

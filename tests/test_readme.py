@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import soundfile
 
+from bench.flops import train_flops_per_sample
 from tests.conftest import same_start, speechlike
 from wdx.demo import readme
 from wdx.inference import HFTranscriber
+from wdx.plan import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -92,3 +94,8 @@ def test_the_corpus_scale_figures_in_the_readme_are_those_of_bench_json():
         assert figure in text, figure
     assert scale["resume"]["losses_equal"] and round(first["20000"]["main_peak_mb"]) == round(
         first["100000"]["main_peak_mb"])  # "both times"
+
+
+def test_the_flop_count_the_readme_quotes_is_bench_flops():
+    total = train_flops_per_sample(load_config("openai/whisper-large-v3"), 50, 4, 4)["total"]
+    assert f"{total / 1e12:.2f} TFLOP per large-v3 training clip of 50 label tokens" in " ".join(README.split())

@@ -16,18 +16,26 @@ import re
 import sys
 from pathlib import Path
 
+from transformers import WhisperConfig
+
+from bench.encoder_cache import GEOMETRIES
+from bench.flops import cache_bound, train_flops_per_sample
+
 from ..domains import ROWS_INIT
 from ..metrics import interval_text
+from ..plan import load_config
 from ..study import table as study_table
 from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 
-BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache", "memory")
+BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache", "cache_why", "cache_scale", "memory",
+          "plan_accuracy", "plan", "plan_batches", "plan_batches_gc")
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 AUGMENT = BENCH / "augment.json"  # the augmentation measurement
 ROWS = BENCH / "rows_init.json"  # python -m bench.rows_init
 STUDY = BENCH / "study.json"  # make study
 PERF = BENCH / "results.json"  # python -m bench.run --json bench/results.json
 CACHE = BENCH / "encoder_cache.json"  # python -m bench.encoder_cache
+PLAN = BENCH / "plan.json"  # python -m bench.plan
 
 
 def render(figures: dict) -> dict[str, str]:
@@ -55,7 +63,9 @@ def render(figures: dict) -> dict[str, str]:
             "study": "\n".join(study_block(json.loads(STUDY.read_text()))),
             "perf": "\n".join(perf_block(json.loads(PERF.read_text()))),
             "cache": "\n".join(cache_block(json.loads(CACHE.read_text()))),
-            "memory": "\n".join(memory_block(json.loads(PERF.read_text())))}
+            "cache_why": cache_why(json.loads(CACHE.read_text())), "cache_scale": cache_scale(),
+            "memory": "\n".join(memory_block(json.loads(PERF.read_text()))),
+            **plan_blocks(json.loads(PLAN.read_text()))}
 
 
 def rows_table(run: dict) -> list[str]:
@@ -163,6 +173,73 @@ def cache_block(run: dict) -> list[str]:
                   f"epoch <= 1.15x an epoch from audio): **{'met' if met else 'not met on this CPU'}** "
                   f"({big['speedup']:.2f}x, {100 * big['of_bound']:.0f} %, {big['first_epoch_ratio']:.2f}x)."]
     return lines
+
+
+def cache_why(run: dict, key: str = "32+32") -> str:
+    """Why the speed-up falls short of the FLOP bound: the rate of the work removed against the rate of the rest,
+    from the run's seconds per clip and bench.flops' count of the same geometry."""
+    g, shape = run["geometries"][key], GEOMETRIES[key]
+    config = WhisperConfig(d_model=shape["d_model"], encoder_layers=shape["layers"], decoder_layers=shape["layers"],
+                           encoder_ffn_dim=4 * shape["d_model"], decoder_ffn_dim=4 * shape["d_model"],
+                           num_mel_bins=shape["n_mels"], vocab_size=shape["vocab_size"])
+    flops = train_flops_per_sample(config, round(g["label_tokens"]), 4, 4)
+    frozen = flops["conv_stem"] + flops["encoder_frozen"]
+    rest = flops["total"] - frozen
+    audio, cached = g["epoch_s_audio"][-1] / run["train_clips"], g["epoch_s_cached"][-1] / run["train_clips"]
+    frozen_rate, rest_rate = frozen / (audio - cached) / 1e9, rest / cached / 1e9
+    build = g["build_s"] / g["clips_built"]
+    return (f"Why: the bound counts FLOPs as if all cost the same, and the work the cache removes is the cheapest "
+            f"per FLOP on this CPU. In the {key.replace('+', ' + ')} run the frozen blocks' forward "
+            f"({frozen / 1e9:.0f} GFLOP a clip, "
+            f"bench.flops) took {audio - cached:.2f} s a clip (an epoch from audio less a cached one): "
+            f"{frozen_rate:.0f} GFLOP/s, large no-grad matmuls and attention forward. What remains ({rest / 1e12:.2f} "
+            f"TFLOP a clip: forward + backward of the trained blocks, attention's backward kernel, the decoder's thin "
+            f"matmuls at {g['label_tokens']:.0f} + 5 tokens, its cross-attention projections over 1500 frames) ran at "
+            f"{rest_rate:.0f} GFLOP/s. So the speed-up is 1 + (bound - 1) x {rest_rate:.0f}/{frozen_rate:.0f} = "
+            f"1 + {g['flop_bound'] - 1:.2f} x {rest_rate / frozen_rate:.2f} = {g['speedup']:.2f}x. The build ran at "
+            f"{build:.2f} s a clip against the {audio - cached:.2f} s the frozen blocks take inside a step (one loader "
+            "worker decoding on the second of two cores, plus the states written), hence the first epoch's "
+            f"{g['first_epoch_ratio']:.2f}x.")
+
+
+def cache_scale(label_tokens: int = 50, tflops: float = 400, gpus: int = 8) -> str:
+    """What the cache is worth and costs at real sizes, counted by bench.flops from the published geometries."""
+    large, base = load_config("openai/whisper-large-v3"), load_config("openai/whisper-base")
+    flops = train_flops_per_sample(large, label_tokens, 4, 4)
+    cached = flops["total"] - flops["conv_stem"] - flops["encoder_frozen"]
+    mb = {name: 1500 * load_config(f"openai/whisper-{name}").d_model * 2 / 1e6
+          for name in ("large-v3", "medium", "small", "base")}
+    clips_s = tflops * 1e12 / cached
+    disk = ", ".join(f"{name} {v:.2f} MB" for name, v in list(mb.items())[1:])
+    return (f"When it pays off. The build costs about one epoch of the frozen blocks' forward (plus writing), which a "
+            "first epoch from audio spends anyway; every later epoch runs only the trained part. Over 50-200 epochs "
+            f"that is up to the FLOP bound: {cache_bound(large, label_tokens, 4, 4):.2f}x for large-v3 with "
+            f"{label_tokens} label tokens per clip (`bench.flops.cache_bound`), "
+            f"{cache_bound(base, label_tokens, 4, 4):.2f}x "
+            f"for base, whose {base.encoder_layers - 4} frozen of {base.encoder_layers} blocks are a small share. It "
+            "needs the disk to hold it and to feed it:\n"
+            f"- disk per clip (1500 x d_model x 2 bytes in bf16): large-v3 {mb['large-v3']:.2f} MB (10K clips "
+            f"{mb['large-v3'] * 1e4 / 1e3:.0f} GB, 100K {mb['large-v3'] * 1e5 / 1e3:.0f} GB, 1M "
+            f"{mb['large-v3'] * 1e6 / 1e6:.2f} TB), {disk}; fp32 twice that;\n"
+            f"- read rate = clips per second x MB per clip. A cached large-v3 step is about {cached / 1e12:.2f} TFLOP "
+            f"per clip; at {tflops} TFLOP/s sustained (40 % of an H100's dense bf16 peak) a GPU trains about "
+            f"{clips_s:.0f} clips/s and reads about {clips_s * mb['large-v3'] / 1e3:.1f} GB/s, {gpus} GPUs about "
+            f"{gpus * clips_s * mb['large-v3'] / 1e3:.0f} GB/s. Network file systems rarely sustain that: put DIR "
+            "on local NVMe, and keep `--num-workers` >= 2 so reading overlaps compute.")
+
+
+def plan_blocks(run: dict) -> dict[str, str]:
+    """bench/plan.json: the plan against measured peaks, large-v3's plan as --plan prints it, the batch tables."""
+    rows = ["| shape | precision | batch x decoder tokens | planned | measured | planned / measured - 1 |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in run["accuracy"]:
+        precision = "fp32" if r["precision"] == "no" else r["precision"]
+        rows.append(f"| {r['shape']} (d_model {r['d_model']}, {r['layers']} + {r['layers']} layers) | {precision} | "
+                    f"{r['batch']} x {r['tokens']} | {r['planned_mib']:.1f} MiB | {r['measured_mib']:.1f} MiB | "
+                    f"{100 * (r['planned_mib'] / r['measured_mib'] - 1):+.1f} % |")
+    printed = ["```", *("precision bf16 (--bf16)\n" + run["large_v3"][mode] for mode in ("off", "on")), "```"]
+    return {"plan_accuracy": "\n".join(rows), "plan": "\n".join(printed),
+            "plan_batches": run["batch_tables"]["off"], "plan_batches_gc": run["batch_tables"]["on"]}
 
 
 def study_block(run: dict) -> list[str]:
