@@ -4,7 +4,7 @@
 
 Needs `make demo`'s output: its fine-tune is the baseline (OUT/runs/demo, evaluated as
 OUT/eval_after_*.json). Trains the same command with FLAGS added, evaluates that final/ on both
-held-out splits with wdx.evaluate, pairs every clip with wdx.metrics.compare (one Holm family
+held-out splits with wdx.evaluate, pairs every clip with wdx.scoring.metrics.compare (one Holm family
 over both splits), and times the augmenter on the training clips. README's augmentation table
 is rendered from the JSON (`python -m wdx.demo.readme`).
 """
@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 from transformers import WhisperConfig
 
-from wdx import augment, evaluate, strictjson
+from wdx import strictjson
 from wdx.config import parse_args
+from wdx.data import augment
 from wdx.demo.pipeline import BATCH, HELD_OUT, MAX_NEW_TOKENS, train_command
 from wdx.demo.report import machine
-from wdx.metrics import compare, mark_real
+from wdx.scoring import evaluate
+from wdx.scoring.metrics import compare, mark_real
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--speed-perturb", "0.9,1.0,1.1", "--noise-snr-db", "10,30", "--spec-augment", "--mask-feature-prob", "0.05"]

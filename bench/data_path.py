@@ -2,7 +2,7 @@
 
 usual: soundfile (PyAV for m4a) -> mono -> torchaudio Resample built per sample ->
        WhisperFeatureExtractor per sample -> stack
-wdx:   wdx.data.decode_sample (cached resampling kernel) -> pad -> batched log-mel (torch)
+wdx:   wdx.data.pipeline.decode_sample (cached resampling kernel) -> pad -> batched log-mel (torch)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import torchaudio
 from transformers import WhisperFeatureExtractor
 
-from wdx.audio import decode_audio, to_mono
-from wdx.data import decode_sample, pad_audio
-from wdx.features import log_mel
+from wdx.data.audio import decode_audio, to_mono
+from wdx.data.features import log_mel
+from wdx.data.pipeline import decode_sample, pad_audio
 
 
 def usual(raw_samples: list[dict], fe: WhisperFeatureExtractor, timers: dict) -> torch.Tensor:

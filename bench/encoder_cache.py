@@ -58,7 +58,7 @@ def epoch_seconds(rows: list[dict], samples_per_epoch: int) -> list[float]:
 
 
 def bench_geometry(name: str, shape: dict, data: Path, work: Path, batch: int, n_train: int) -> dict:
-    from wdx.tiny import build
+    from wdx.model.tiny import build
 
     model = work / f"model-{name}"
     if not (model / "config.json").exists():
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / ".work", help="cache for inputs and models")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args(argv)
-    from wdx.shards import load_split
+    from wdx.data.shards import load_split
 
     # smoke: bench.run --smoke's clips when they are there (8 + 2)
     work = args.work / ("smoke" if args.smoke else "encoder_cache")

@@ -2,7 +2,7 @@
 
     python -m bench.gpu [--steps 20] [--batch 8] [--json bench/gpu_results.json]
 
-A random-init model with large-v3's sizes (no download: wdx.tiny with d_model 1280, 32 + 32
+A random-init model with large-v3's sizes (no download: wdx.model.tiny with d_model 1280, 32 + 32
 layers, 20 heads, 128 mel bins, vocab 51866), the seed's freeze (last 4 encoder blocks;
 attention + MLP of the last 4 decoder blocks; the two domain-token rows), espeak-ng Korean
 clips of 5-15 s. `accelerate launch train_loop.py` runs once per preset (single_gpu.yaml,
@@ -45,7 +45,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def build_model(path: Path, smoke: bool) -> Path:
-    from wdx.tiny import build
+    from wdx.model.tiny import build
 
     if not (path / "config.json").exists():
         build(path, **({} if smoke else LARGE_V3))
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     data = make_dataset(work / "data", n_train=args.batch * args.steps, n_val=args.batch * (1 if smoke else 4))
     from transformers import WhisperConfig
 
-    from wdx.plan import plan_gib
+    from wdx.train.plan import plan_gib
 
     config = WhisperConfig.from_pretrained(model)
     labels, longest = label_tokens(data, model)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wdx.audio import encode_audio, resample
+from wdx.data.audio import encode_audio, resample
+from wdx.data.pack import write_split
 from wdx.demo import data as demo_data
 from wdx.demo.tts import espeak
-from wdx.pack import write_split
 
 # (extension, sample rate, channels): the realistic mix named in the benchmark issue
 MIX = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("m4a", 48000, 1)]

@@ -5,8 +5,8 @@
 the domain-token rows trained inside the tied embedding through a gradient mask (the
 whole matrix gets gradients and AdamW state), frozen weights stayed fp32 under autocast,
 and the loss upcast full batch x vocabulary logits to fp32. "after" is today's loop
-(wdx.plan.training_step). Peaks are measured by the CPU allocator (torch.profiler) on
-real fp32 steps, and simulated on fake tensors (wdx.plan) for bf16, which this CPU runs
+(wdx.train.plan.training_step). Peaks are measured by the CPU allocator (torch.profiler) on
+real fp32 steps, and simulated on fake tensors (wdx.train.plan) for bf16, which this CPU runs
 far too slowly to measure at these sizes.
 """
 
@@ -17,8 +17,8 @@ import copy
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from wdx.collate import IGNORE
-from wdx.plan import GIB, N_DOMAIN_TOKENS, measure, training_step
+from wdx.data.collate import IGNORE
+from wdx.train.plan import GIB, N_DOMAIN_TOKENS, measure, training_step
 
 
 def legacy_setup(model: WhisperForConditionalGeneration, encoder_layers: int, decoder_layers: int,
@@ -51,8 +51,8 @@ def legacy_loss(model, features: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def legacy_step(config: WhisperConfig, encoder_layers: int, decoder_layers: int, batch: int, tokens: int,
                 precision: str):
-    """wdx.plan.training_step, the old way (fp32 weights under autocast, no DeepSpeed)."""
-    from wdx.features import N_SAMPLES, log_mel
+    """wdx.train.plan.training_step, the old way (fp32 weights under autocast, no DeepSpeed)."""
+    from wdx.data.features import N_SAMPLES, log_mel
 
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     config = copy.deepcopy(config)
@@ -89,7 +89,7 @@ def before_after(config: WhisperConfig, batch: int, tokens: int, precision: str,
 
 def bench(model_dir: str, batch: int, tokens: int, smoke: bool) -> dict:
     """Rows: the bench's model measured in fp32 and simulated in bf16; large-v3 simulated in bf16."""
-    from wdx.plan import load_config
+    from wdx.train.plan import load_config
 
     config = WhisperConfig.from_pretrained(model_dir)
     rows = {"fp32, measured (CPU allocator)": before_after(config, batch, tokens, "no", fake=False),

@@ -35,7 +35,7 @@ KSPON_UTTERANCES, KSPON_MEAN_SECONDS = 622_545, 5.6  # the whole corpus, for the
 TEXTS = ["음/ 오늘은 b/ 날씨가 (3kg)/(삼 킬로그램) 좋네요", "그래서 학+ 학교에 갔어요 n/", "어/ 저기 *뭐라고 했지",
          "(70%)/(칠십 퍼센트) 확률이라니 l/", "책을 천천히 소리 내어 읽어 보세요"]
 # runs in the child: wdx.pack's own main, then its own peak RSS (KiB on Linux) and whether torch came in
-CHILD = ("import resource, sys, wdx.pack; code = wdx.pack.main(sys.argv[1:]); "
+CHILD = ("import resource, sys, wdx.pack; code = wdx.data.pack.main(sys.argv[1:]); "
          "print('BENCH', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'torch' in sys.modules); sys.exit(code)")
 
 

@@ -1,15 +1,15 @@
-"""How good `--plan` is, and what it says for large-v3: the figures of README's Memory section.
+"""How good `--plan` is, and what it says for large-v3: the figures of docs/performance.md's Memory section.
 
     python -m bench.plan [--json bench/plan.json]
 
-1. Accuracy: the plan (two steps of the loop's own code on fake tensors, `wdx.plan.simulate`)
+1. Accuracy: the plan (two steps of the loop's own code on fake tensors, `wdx.train.plan.simulate`)
    against the CPU allocator's measured peak of the same two steps on real tensors of a
    random-init model, for the shapes below (`tests/test_plan.py` checks two of them within
    +-15 % on every run; this writes all four).
 2. `train_loop.py --plan` for large-v3 in bf16 at batch 8 x 448, without and with gradient
    checkpointing, as the loop prints it.
-3. `python -m wdx.plan`'s largest-batch tables, without and with gradient checkpointing.
-About 2 minutes on 2 cores. README's block is rendered from the JSON (`python -m wdx.demo.readme`).
+3. `python -m wdx.train.plan`'s largest-batch tables, without and with gradient checkpointing.
+About 2 minutes on 2 cores. The page's blocks are is rendered from the JSON (`python -m wdx.demo.readme`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import WhisperConfig
 
 from wdx import strictjson
-from wdx.plan import batch_table, plan_table, simulate
+from wdx.train.plan import batch_table, plan_table, simulate
 
 MIB = 2**20
 LARGE_V3 = "openai/whisper-large-v3"

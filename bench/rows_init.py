@@ -8,7 +8,7 @@ row (--domain-rows-init 0) or one standard deviation of noise apart (1.0, the de
 the rows' learning rate x1 and x10 (--domain-rows-lr-scale). For each: how far apart the two rows
 end (L2), and final/ on val_small decoded with both tokens (wdx.evaluate --compare-domains): how
 many transcripts the token changed, dyslexic CER under the right and the wrong token, and the
-misread-word shares. README's rows table is rendered from the JSON (`python -m wdx.demo.readme`).
+misread-word shares. docs/evaluation.md's rows table is rendered from the JSON (`python -m wdx.demo.readme`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from wdx import evaluate, strictjson
+from wdx import strictjson
 from wdx.demo.pipeline import BATCH, MAX_NEW_TOKENS, train_command
+from wdx.scoring import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = [(0.0, 1.0), (0.0, 10.0), (1.0, 1.0), (1.0, 10.0)]  # (--domain-rows-init, --domain-rows-lr-scale)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / ("smoke" if args.smoke else "full")
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        from wdx.tiny import build as build_tiny
+        from wdx.model.tiny import build as build_tiny
 
         model = work / "tiny" if (work / "tiny" / "config.json").exists() else build_tiny(work / "tiny")
     else:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in mem.items():
         print(f"{name:<44}{r['before_gib']:>8.2f}{r['after_gib']:>8.2f}{r['after_gib'] / r['before_gib']:>7.2f}")
     if not args.smoke:
-        from wdx.plan import plan_table
+        from wdx.train.plan import plan_table
 
         results["plan_large_v3"] = plan = plan_table("openai/whisper-large-v3", 4, 4, 8, 448, "bf16", gpus=1)
         print("\n== memory plan (train_loop.py --plan), large-v3, 1 GPU\n" + plan)

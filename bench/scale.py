@@ -4,7 +4,7 @@
 
 For each size, a synthetic KsponSpeech tree (bench.pack.make_corpus: 1-3 s clips, the
 corpus' markup, 1 in 500 rows broken) is packed with `wdx.pack` (train.trn -> ROOT/train,
-plus a 64-clip val_small), and `train_loop.py` runs on it with the tiny model (wdx.tiny),
+plus a 64-clip val_small), and `train_loop.py` runs on it with the tiny model (wdx.model.tiny),
 batch 8, 2 loader workers, as a user would, each run in a process of its own:
   first step    --max-steps 1: seconds from start to the end of the first step (set-up, model,
                 the loaders' first batch) and peak RSS: what would grow if anything scanned the
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "bench" / ".work" / "scale")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from wdx.tiny import build
+    from wdx.model.tiny import build
 
     shutil.rmtree(args.work, ignore_errors=True)
     model = build(args.work / "tiny")

@@ -66,7 +66,7 @@ class UsualDataset(torch.utils.data.Dataset):
         return len(self.raw)
 
     def __getitem__(self, i: int) -> dict:
-        from wdx.audio import decode_audio, to_mono
+        from wdx.data.audio import decode_audio, to_mono
 
         raw = self.raw[i]
         ext = next(e for e in ("wav", "flac", "mp3", "ogg", "m4a") if e in raw)
@@ -98,8 +98,8 @@ def usual_collate(eot: int):
 def run_trainer(args) -> dict:
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from wdx.collate import prompt_ids
-    from wdx.model import setup
+    from wdx.data.collate import prompt_ids
+    from wdx.model.whisper import setup
 
     w, _ = setup(args.model, language="ko", encoder_layers=4, decoder_layers=4)
     eot = w.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -122,13 +122,13 @@ def run_trainer(args) -> dict:
 
 def run_floor(args) -> dict:
     from train_loop import build_optimizer
-    from wdx.collate import IGNORE, Collator
     from wdx.config import TrainConfig
-    from wdx.data import ShardedSamples, make_loader
-    from wdx.evaluation import token_loss_sum
-    from wdx.features import log_mel
-    from wdx.model import setup
-    from wdx.shards import load_split
+    from wdx.data.collate import IGNORE, Collator
+    from wdx.data.features import log_mel
+    from wdx.data.pipeline import ShardedSamples, make_loader
+    from wdx.data.shards import load_split
+    from wdx.model.whisper import setup
+    from wdx.scoring.forward import token_loss_sum
 
     w, groups = setup(args.model, language="ko", encoder_layers=4, decoder_layers=4)
     ds = ShardedSamples(load_split(args.data, "train"), rank=0, world_size=1, num_workers=0, batch_size=args.batch,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wdx.audio import encode_audio
-from wdx.pack import write_split
+from wdx.data.audio import encode_audio
+from wdx.data.pack import write_split
 
 
 def speechlike(seconds: float, rate: int, seed: int = 0, channels: int = 1) -> np.ndarray:
@@ -52,7 +52,7 @@ def make_split(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random Whisper + Whisper-style tokenizer (timestamps missing, like real ones)."""
-    from wdx.tiny import build
+    from wdx.model.tiny import build
 
     return str(build(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -92,7 +92,7 @@ def varied_final(base: str, out: Path) -> Path:
     the audio to change the transcript (a fresh tiny model repeats one token whatever it hears)."""
     import torch
 
-    from wdx.model import setup
+    from wdx.model.whisper import setup
 
     w, _ = setup(base, language="ko", encoder_layers=0, decoder_layers=0, rows_init=0.0)
     g = torch.Generator().manual_seed(0)
@@ -109,8 +109,8 @@ def varied_final(base: str, out: Path) -> Path:
 def trained(tmp_path_factory):
     """final/ and its export: varied_final on a tiny model with large-v3's token ids
     (CTranslate2 decides 'multilingual' by them)."""
-    from wdx import export_ct2
-    from wdx.tiny import build
+    from wdx.deploy import export_ct2
+    from wdx.model.tiny import build
 
     root = tmp_path_factory.mktemp("deploy")
     final = varied_final(str(build(root / "base", real_ids=True)), root / "final")

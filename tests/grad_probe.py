@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_loop  # noqa: E402
 from tests.conftest import speechlike  # noqa: E402
-from wdx.accel import build_accelerator  # noqa: E402
-from wdx.collate import Collator  # noqa: E402
 from wdx.config import parse_args  # noqa: E402
+from wdx.data.collate import Collator  # noqa: E402
+from wdx.train.accel import build_accelerator  # noqa: E402
 
 TEXTS = ["네", "하나 둘", "안녕하세요 오늘은 날씨가 맑고 따뜻합니다",
          "학교에 가는 길에 친구를 만났어요 " * 4, "책을", "저는 사과와 배를 좋아해요 " * 6,

@@ -10,10 +10,10 @@ import pytest
 
 from tests.conftest import make_sample
 from tests.test_data import flat, good, loader, run
-from wdx.metrics import error_rates
-from wdx.pack import write_split
-from wdx.shards import DatasetError, load_split
-from wdx.text import normalize_for_cer, normalize_text
+from wdx.data.pack import write_split
+from wdx.data.shards import DatasetError, load_split
+from wdx.data.text import normalize_for_cer, normalize_text
+from wdx.scoring.metrics import error_rates
 
 
 def write_raw_shard(split_dir, members: list[tuple[str, bytes]], declared: int, name="shard_000000.tar"):
@@ -153,7 +153,7 @@ def test_roots_that_cannot_be_opened_fail_in_one_line():
 # ---- issue 22: inputs that still got through
 
 def test_members_of_a_sample_apart_in_the_tar_shift_nothing_after_them(tmp_path):
-    from wdx.inspect import inspect_split
+    from wdx.data.inspect import inspect_split
 
     a, b, c, d = (make_sample(k, seed=i, seconds=0.5, text="안녕") for i, k in enumerate("abcd"))
     members = ([m for m in members_of(a) if not m[0].endswith(".txt")] + members_of(b)
@@ -178,7 +178,7 @@ def test_dotted_keys_and_two_audio_members(tmp_path):
 
 def encode_audio_like(sample) -> bytes:
     from tests.conftest import speechlike
-    from wdx.audio import encode_audio
+    from wdx.data.audio import encode_audio
 
     return encode_audio(speechlike(0.5, 16000, 9), 16000, "wav")
 
@@ -186,7 +186,7 @@ def encode_audio_like(sample) -> bytes:
 def test_too_short_and_constant_audio_are_skipped(tmp_path):
     import numpy as np
 
-    from wdx.audio import encode_audio
+    from wdx.data.audio import encode_audio
 
     short = make_sample("short", seconds=0.05, text="안녕하세요")
     one = {**make_sample("one", text="안녕"), "flac": encode_audio(np.full(1, 0.3, np.float32), 16000, "wav")}

@@ -17,8 +17,8 @@ import torch
 
 import train_loop
 from tests.conftest import make_sample
-from wdx import checkpoint, rundir
-from wdx.pack import write_split
+from wdx.data.pack import write_split
+from wdx.train import checkpoint, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import speechlike
-from wdx.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, encode_audio, resample, to_mono
+from wdx.data.audio import AUDIO_EXTENSIONS, AudioDecodeError, decode_audio, encode_audio, resample, to_mono
 
 
 @pytest.mark.parametrize("ext,rate,channels", [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1),
@@ -68,7 +68,7 @@ def test_the_torch_free_resampler_gives_the_training_resampler_s_samples():
     # issue 34.6: the ct2 backend resamples with FFmpeg's resampler (no torch); training uses torchaudio's
     import numpy as np
 
-    from wdx.audio import resample, resample_ffmpeg
+    from wdx.data.audio import resample, resample_ffmpeg
 
     for rate, bound in ((44100, 1.1e-4), (48000, 1.1e-4), (8000, 2.5e-4)):  # README quotes the 44.1 kHz one
         tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)

@@ -11,8 +11,8 @@ import torch
 import train_loop
 from tests.conftest import speechlike
 from tests.test_train_loop import args, losses
-from wdx.audio import encode_audio
-from wdx.augment import Augmenter, SpecAugment, add_noise, load_noise, spec_masks
+from wdx.data.audio import encode_audio
+from wdx.data.augment import Augmenter, SpecAugment, add_noise, load_noise, spec_masks
 
 AUGMENT = ("--speed-perturb", "0.9,1.0,1.1", "--noise-snr-db", "10,30", "--spec-augment", "--mask-feature-prob", "0.1")
 
@@ -59,11 +59,11 @@ def test_a_noise_directory_is_read_once_and_an_empty_one_refused(tmp_path):
 
 
 def test_the_train_loader_augments_and_the_eval_loader_does_not(tiny_dataset, tiny_model):
-    from wdx.collate import Collator
-    from wdx.data import ShardedSamples, make_loader
-    from wdx.evaluation import model_input
-    from wdx.model import setup
-    from wdx.shards import load_split
+    from wdx.data.collate import Collator
+    from wdx.data.pipeline import ShardedSamples, make_loader
+    from wdx.data.shards import load_split
+    from wdx.model.whisper import setup
+    from wdx.scoring.forward import model_input
 
     w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
     aug = Augmenter(seed=0, speeds=(1.1,), snr_db=(20.0, 20.0), spec=SpecAugment(mask_feature_prob=0.1))

@@ -50,7 +50,7 @@ def test_bench_gpu_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
 
 def test_training_flops_of_large_v3_follow_its_geometry():
     from bench.flops import train_flops_per_sample
-    from wdx.plan import load_config
+    from wdx.train.plan import load_config
 
     f = train_flops_per_sample(load_config("openai/whisper-large-v3"), label_tokens=50, encoder_trained=4,
                                decoder_trained=4)

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from wdx import checkpoint
-from wdx.accel import reconcile_deepspeed
 from wdx.config import ConfigError, TrainConfig
+from wdx.train import checkpoint
+from wdx.train.accel import reconcile_deepspeed
 
 
 def make(run, *names):
@@ -104,8 +104,8 @@ def test_the_process_group_timeout_is_a_flag_with_a_safe_default():
     # issue 22.12: Accelerate's default (10 min) is shorter than rank 0 writing final/ of large-v3 on a slow disk
     from datetime import timedelta
 
-    from wdx.accel import build_accelerator
     from wdx.config import parse_args
+    from wdx.train.accel import build_accelerator
 
     cfg = parse_args(["--dataset-root", "x", "--run-name", "x"])
     assert cfg.ddp_timeout == 1800

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from wdx.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
-from wdx.model import setup
+from wdx.data.collate import IGNORE, Collator, make_text_encoder, max_text_tokens
+from wdx.model.whisper import setup
 
 
 def test_exact_decoder_inputs_and_labels_for_both_domains(tiny_model):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from wdx.conventions import Convention, convert
+from wdx.data.conventions import Convention, convert
 
 KSPON = Convention("kspon")
 

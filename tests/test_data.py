@@ -11,9 +11,9 @@ import soundfile as sf
 import torch
 
 from tests.conftest import make_sample, speechlike
-from wdx.audio import encode_audio
-from wdx.data import Position, ShardedSamples, make_loader
-from wdx.shards import DatasetError, load_split
+from wdx.data.audio import encode_audio
+from wdx.data.pipeline import Position, ShardedSamples, make_loader
+from wdx.data.shards import DatasetError, load_split
 
 
 def loader(root, split="train", *, rank=0, world=1, workers=0, batch=2, train=True, seed=0, block=4,
@@ -82,7 +82,7 @@ def test_broken_samples_are_skipped_and_counted_by_reason(make_split, tmp_path, 
     root = make_split("val_small", good(3) + bad + good(2, "h"))
     # a second shard, truncated in the middle of its third sample
     write_path = tmp_path / "data" / "val_small"
-    from wdx.pack import write_split
+    from wdx.data.pack import write_split
     write_split(tmp_path / "trunc", good(4, "t"))
     src = tmp_path / "trunc" / "shard_000000.tar"
     with tarfile.open(src) as tf:
@@ -138,7 +138,7 @@ def uneven_split(make_split, bad_key=None):
 def make_split_shards(root, samples):
     from pathlib import Path
 
-    from wdx.pack import write_split
+    from wdx.data.pack import write_split
     split_dir = Path(root) / "train"
     for f in split_dir.iterdir():
         f.unlink()

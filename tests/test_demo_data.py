@@ -61,7 +61,7 @@ def _members(split_dir):
 
 def test_the_report_shows_seen_and_unseen_voices_the_token_table_and_eval_cost(tmp_path):
     from wdx.demo.report import deployed_summary, summary, write_report
-    from wdx.metrics import by_domain, prompt_table
+    from wdx.scoring.metrics import by_domain, prompt_table
 
     def run(hyp_suffix):
         rows = [dict(key=f"k{i}", domain=("normal", "dyslexic")[i % 2], ref="가나다라", hyp="가나다라" + hyp_suffix * i,

@@ -12,11 +12,11 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
 from tests.conftest import TEXTS, same_start, speechlike
-from wdx import export_ct2
-from wdx.deploy import DomainWhisperModel, domain_suffix, pad_with_silence
-from wdx.features import log_mel
-from wdx.inference import HFTranscriber
-from wdx.longform import split_at_pauses
+from wdx.data.features import log_mel
+from wdx.deploy import export_ct2
+from wdx.deploy.faster_whisper import DomainWhisperModel, domain_suffix, pad_with_silence
+from wdx.scoring.inference import HFTranscriber
+from wdx.scoring.longform import split_at_pauses
 
 DECODE = dict(language="ko", beam_size=1, temperature=0.0)  # greedy, as wdx decodes
 
@@ -55,7 +55,7 @@ def texts(segments) -> str:
 def test_faster_whisper_loads_the_export_as_multilingual_and_prefix_sends_the_trained_prompt(trained):
     _, ct2 = trained
     model = WhisperModel(str(ct2), compute_type="float32")
-    assert model.model.is_multilingual  # else faster-whisper replaces language="ko" with "en" (wdx.tiny real_ids)
+    assert model.model.is_multilingual  # else faster-whisper replaces language="ko" with "en" (wdx.model.tiny real_ids)
     language, _, _ = model.detect_language(speechlike(2.0, 16000))  # IndexError when the export had no lang_ids
     assert f"<|{language}|>" in model.hf_tokenizer.get_vocab()
     # issue 34.7: the languages are counted from the export's lang_ids, not from the vocabulary's size (which
@@ -141,7 +141,7 @@ def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tm
 
     import soundfile
 
-    from wdx import deploy
+    from wdx.deploy import faster_whisper as deploy
 
     final, ct2 = trained
     short = speechlike(2.0, 16000, seed=4)
@@ -160,7 +160,7 @@ def test_the_command_line_short_and_long_files_bad_ones_and_no_torch(trained, tm
     assert deploy.main([str(ct2), files[0], "--domain", "adult"]) == 1
     assert capsys.readouterr().err.strip() == (f"wdx.deploy: error: {ct2}: domain must be one of normal, dyslexic "
                                                "(got 'adult')")
-    code = "import sys, wdx.deploy; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, wdx.deploy.faster_whisper; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
@@ -212,7 +212,7 @@ def test_an_untested_faster_whisper_is_refused_in_one_line(trained, monkeypatch)
     # issue 34.5: wdx.deploy overrides faster-whisper internals; another version fails silently, not loudly
     import importlib.metadata
 
-    from wdx import deploy
+    from wdx.deploy import faster_whisper as deploy
 
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.3.0" if name == "faster-whisper" else real(name))

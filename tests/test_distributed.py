@@ -145,7 +145,7 @@ def test_deepspeed_config_disagreeing_with_the_cli_fails_naming_both(tiny_datase
 def test_zero3_evaluation_with_uneven_ranks_does_not_hang(tiny_dataset, tiny_model, tmp_path):
     # val_small of 5 samples, eval batch 2: rank 0 gets 2 samples (1 batch), rank 1 gets 3 (2 batches)
     from tests.conftest import make_sample
-    from wdx.pack import write_split
+    from wdx.data.pack import write_split
 
     root = tmp_path / "data"
     root.mkdir()

@@ -9,9 +9,10 @@ import train_loop
 from tests.conftest import TEXTS, make_sample
 from tests.test_evaluate import clips
 from tests.test_train_loop import args
-from wdx import evaluate, export_ct2, transcribe
-from wdx.domains import parse_domains
-from wdx.pack import write_split
+from wdx.data.pack import write_split
+from wdx.deploy import export_ct2
+from wdx.model.domains import parse_domains
+from wdx.scoring import evaluate, transcribe
 
 THREE = ("normal", "dyslexic", "adhd")
 

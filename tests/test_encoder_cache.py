@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 import train_loop
-import wdx.lm_head
+import wdx.model.lm_head
 
 TRAINED = 2  # of the tiny model's 4 encoder blocks: 2 frozen blocks are cached
 
@@ -47,7 +47,7 @@ def built(run_dir):
 def encoder_calls(monkeypatch):
     """Counts of full encoder passes (from log-mel) and of frozen-prefix passes (cache builds)."""
     calls = {"encoder": 0, "prefix": 0}
-    full, prefix = WhisperEncoder.forward, wdx.lm_head.DomainWhisper.encoder_prefix
+    full, prefix = WhisperEncoder.forward, wdx.model.lm_head.DomainWhisper.encoder_prefix
 
     def counted_full(self, *a, **k):
         calls["encoder"] += 1
@@ -59,7 +59,7 @@ def encoder_calls(monkeypatch):
         return prefix(self, *a, **k)
 
     monkeypatch.setattr(WhisperEncoder, "forward", counted_full)
-    monkeypatch.setattr(wdx.lm_head.DomainWhisper, "encoder_prefix", counted_prefix)
+    monkeypatch.setattr(wdx.model.lm_head.DomainWhisper, "encoder_prefix", counted_prefix)
     return calls
 
 
@@ -84,7 +84,7 @@ def test_fp32_cache_trains_and_evaluates_as_audio_does(runs, tiny_dataset):
     # the cache mirrors the source shards: same names, same keys in the same order
     row = built(out / "cached")
     assert row["encoder_cache/clips_built"] == 30 and row["encoder_cache/mb_per_clip"] == 1500 * 64 * 4 / 1e6
-    from wdx.data import iter_shard
+    from wdx.data.pipeline import iter_shard
 
     names = sorted(p.name for p in (cache / "train").glob("*.tar"))
     assert sorted(p.name for p in (cache / "train").glob("*.done")) == [f"{n}.done" for n in names]
@@ -177,9 +177,9 @@ def test_bf16_cache_holds_bf16_states_and_trains_within_tolerance(tiny_dataset, 
 def test_what_the_cache_cannot_serve_is_refused_before_any_work(tiny_model):
     from types import SimpleNamespace
 
-    from wdx import encoder_cache
     from wdx.config import TrainConfig
-    from wdx.model import setup
+    from wdx.model.whisper import setup
+    from wdx.train import encoder_cache
 
     cfg = TrainConfig(dataset_root="x", run_name="x", encoder_cache="/nonexistent/cache", train_encoder_layers=4)
     w, _ = setup(tiny_model, language="ko", encoder_layers=4, decoder_layers=1)
@@ -211,8 +211,9 @@ def test_a_truncated_or_overwritten_cache_shard_is_built_again(runs, tiny_datase
 
 
 def test_the_fingerprint_covers_split_domains_remote_shard_bytes_and_the_code(tiny_dataset, tmp_path, monkeypatch):
-    from wdx import data, encoder_cache
-    from wdx.shards import load_split
+    from wdx.data import pipeline as data
+    from wdx.data.shards import load_split
+    from wdx.train import encoder_cache
 
     root = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
     piped = f"pipe:cat {root}/{{}}"
@@ -239,8 +240,8 @@ def test_the_fingerprint_covers_split_domains_remote_shard_bytes_and_the_code(ti
 
 
 def test_shards_of_one_name_in_two_folders_get_two_cache_files():
-    from wdx import encoder_cache
-    from wdx.shards import Split
+    from wdx.data.shards import Split
+    from wdx.train import encoder_cache
 
     split = Split("train", ("/d/a/s.tar", "/d/b/s.tar"), (3, 4), None, ("a/s.tar", "b/s.tar"))
     assert encoder_cache.cache_names(split) == ["a__s.tar", "b__s.tar"]  # main: both "s.tar"
@@ -251,8 +252,8 @@ def test_shards_of_one_name_in_two_folders_get_two_cache_files():
 def test_spec_augment_or_dropout_in_the_base_config_is_refused(tiny_model):
     from types import SimpleNamespace
 
-    from wdx import encoder_cache
     from wdx.config import TrainConfig
+    from wdx.train import encoder_cache
 
     cfg = TrainConfig(dataset_root="x", run_name="x", encoder_cache="c", base_model="b")
     spec = SimpleNamespace(apply_spec_augment=True, mask_time_prob=0.05, mask_feature_prob=0.0)
@@ -265,7 +266,7 @@ def test_spec_augment_or_dropout_in_the_base_config_is_refused(tiny_model):
 
 
 def test_a_matching_cache_is_not_written_and_each_node_s_copy_is_checked(tmp_path, monkeypatch):
-    from wdx import encoder_cache
+    from wdx.train import encoder_cache
 
     want = {"version": encoder_cache.VERSION, "dtype": "float32", "splits": {"train": {"domain": None, "shards": []}}}
     root = tmp_path / "cache"

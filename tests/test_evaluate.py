@@ -7,13 +7,13 @@ import sys
 import pytest
 
 from tests.conftest import speechlike
-from wdx import evaluate, transcribe
-from wdx.audio import encode_audio
+from wdx.data.audio import encode_audio
+from wdx.scoring import evaluate, transcribe
 
 
 @pytest.fixture(scope="module")
 def tiny_final(tiny_model, tmp_path_factory):
-    from wdx.model import setup
+    from wdx.model.whisper import setup
 
     out = tmp_path_factory.mktemp("final")
     w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
@@ -152,11 +152,11 @@ def test_compare_two_evaluations_prints_the_paired_difference(tmp_path, capsys):
 def test_in_loop_eval_runs_the_encoder_once_per_batch_and_compares_domain_tokens(tiny_model, tiny_dataset):
     from accelerate import Accelerator
 
-    from wdx.collate import Collator
-    from wdx.data import ShardedSamples, make_loader
-    from wdx.evaluation import evaluate as run_eval
-    from wdx.model import setup
-    from wdx.shards import load_split
+    from wdx.data.collate import Collator
+    from wdx.data.pipeline import ShardedSamples, make_loader
+    from wdx.data.shards import load_split
+    from wdx.model.whisper import setup
+    from wdx.train.evaluation import evaluate as run_eval
 
     w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
     val = ShardedSamples(load_split(tiny_dataset, "val_small"), rank=0, world_size=1, num_workers=0, batch_size=4,
@@ -209,7 +209,7 @@ def test_a_truncated_model_directory_is_one_line_for_every_tool(tiny_final, tmp_
     # issue 22.9: main printed tracebacks from transformers / safetensors
     import shutil
 
-    from wdx import export_ct2
+    from wdx.deploy import export_ct2
 
     (path,) = clips(tmp_path, 1)
     for damaged in ("config.json", "model.safetensors"):
@@ -275,8 +275,8 @@ def test_max_new_tokens_holds_for_a_final_that_also_stores_one(tiny_final, caplo
     import torch
     from transformers import WhisperForConditionalGeneration
 
-    from wdx.evaluation import generate
-    from wdx.inference import HFTranscriber
+    from wdx.scoring.forward import generate
+    from wdx.scoring.inference import HFTranscriber
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_final).eval()
     prompts = torch.tensor([HFTranscriber(tiny_final).prompt("normal")])

@@ -8,9 +8,10 @@ import torch
 from tests.conftest import speechlike
 from tests.conftest import varied_final as make_varied_final
 from tests.test_evaluate import clips
-from wdx import export_ct2, transcribe
-from wdx.ct2_inference import CT2Transcriber
-from wdx.inference import HFTranscriber
+from wdx.deploy import export_ct2
+from wdx.scoring import transcribe
+from wdx.scoring.ct2_inference import CT2Transcriber
+from wdx.scoring.inference import HFTranscriber
 
 DOMAINS = ("normal", "dyslexic")
 
@@ -131,8 +132,8 @@ def test_the_ct2_backend_imports_neither_torch_nor_transformers(exported, tmp_pa
     import subprocess
     import sys
 
-    from wdx.audio import encode_audio
-    from wdx.inputs import read_clip
+    from wdx.data.audio import encode_audio
+    from wdx.data.inputs import read_clip
 
     path = tmp_path / "clip.flac"  # 44.1 kHz: resampled, without torchaudio
     path.write_bytes(encode_audio(speechlike(1.5, 44100, seed=3), 44100, "flac"))

@@ -4,7 +4,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from tests.conftest import speechlike
-from wdx.features import N_FRAMES, log_mel
+from wdx.data.features import N_FRAMES, log_mel
 
 
 @pytest.mark.parametrize("n_mels", [80, 128])

@@ -11,8 +11,9 @@ import pytest
 import train_loop
 from tests.conftest import speechlike
 from tests.test_train_loop import args
-from wdx import evaluate, inspect, pack
-from wdx.audio import encode_audio
+from wdx.data import inspect, pack
+from wdx.data.audio import encode_audio
+from wdx.scoring import evaluate
 
 # (as the corpus writes it, as training reads it, its fluent form, domain, split, audio)
 CORPUS = [
@@ -100,7 +101,7 @@ def test_a_cp949_transcript_or_a_pcm_without_its_rate_is_refused_in_one_line(cor
     assert f"{tmp_path / 'c'}/train: 4 of 4 transcripts look like KsponSpeech" in capsys.readouterr().out
     assert not (tmp_path / "a").exists()  # stopped at its first row: nothing written
     # b stopped at its first pcm row: what was packed before it is a complete split, its rows listed as skipped
-    from wdx.shards import load_split
+    from wdx.data.shards import load_split
 
     assert load_split(str(tmp_path / "b"), "train").total == 2  # the train unit's two wav rows
     assert (tmp_path / "b" / "manifest.skipped.tsv").read_text().splitlines()[1].split("\t")[1] == "pcm_without_rate"
@@ -116,7 +117,7 @@ def test_inspect_counts_each_mark_and_shows_written_against_trained(packed, caps
 
 
 def test_the_data_layer_converts_a_split_packed_elsewhere_and_skips_markup_it_cannot_read(packed, tmp_path, capsys):
-    from wdx.pack import write_split
+    from wdx.data.pack import write_split
 
     samples = [{"__key__": f"s{i}", "wav": encode_audio(speechlike(2.5, 16000, seed=i), 16000, "wav"),
                 "txt": written.encode("utf-8"), "json": json.dumps({"domain": domain}).encode()}
@@ -125,7 +126,7 @@ def test_the_data_layer_converts_a_split_packed_elsewhere_and_skips_markup_it_ca
                     "json": b'{"domain": "normal"}'})
     write_split(tmp_path / "raw" / "val_small", samples)
     skipped = __import__("collections").Counter()
-    from wdx.conventions import Convention
+    from wdx.data.conventions import Convention
 
     got = [s for batch in evaluate.dataset_batches(str(tmp_path / "raw"), "val_small", 4, 0, None, skipped,
                                                    Convention("kspon")) for s in batch]
@@ -193,7 +194,7 @@ def test_kspon_scripts_pack_as_shipped_one_command_per_script_bad_rows_counted(t
     argv = ["--audio-root", str(root), "--domain", "normal", "--max-skip-fraction", "0.5"]
     assert pack.main([str(scripts / "train.trn"), str(out), *argv]) == 0
     assert pack.main([str(scripts / "eval_clean.trn"), str(out), *argv]) == 0
-    from wdx.shards import load_split
+    from wdx.data.shards import load_split
 
     assert (load_split(str(out), "train").total, load_split(str(out), "eval_clean").total) == (6, 3)
     listed = [line.split("\t")[:2] for line in (out / "train.skipped.tsv").read_text().splitlines()[1:]]
@@ -212,10 +213,10 @@ def test_the_target_text_is_read_on_the_reference_s_side_of_a_dual_transcription
     # issue 33.2: the reference took the spelling side, the target kept the raw markup: misreads were invented
     import json
 
-    from wdx.conventions import Convention
-    from wdx.data import clean_target
-    from wdx.evaluate import list_items
-    from wdx.metrics import misreads
+    from wdx.data.conventions import Convention
+    from wdx.data.pipeline import clean_target
+    from wdx.scoring.evaluate import list_items
+    from wdx.scoring.metrics import misreads
 
     raw = "(학교)/(핵교)에 갔어요"
     listing = tmp_path / "list.jsonl"

@@ -1,11 +1,11 @@
-"""wdx.longform: recordings longer than 30 s, cut at pauses, every piece prompted."""
+"""wdx.scoring.longform: recordings longer than 30 s, cut at pauses, every piece prompted."""
 
 import numpy as np
 
 from tests.conftest import speechlike
-from wdx import transcribe
-from wdx.audio import encode_audio
-from wdx.longform import split_at_pauses, transcribe_long
+from wdx.data.audio import encode_audio
+from wdx.scoring import transcribe
+from wdx.scoring.longform import split_at_pauses, transcribe_long
 
 RATE = 16000
 
@@ -53,7 +53,7 @@ def test_every_piece_gets_its_clips_domain_and_texts_join_in_order():
 
 
 def test_transcribe_takes_a_68_second_file(tiny_model, tmp_path, capsys):
-    from wdx.model import setup
+    from wdx.model.whisper import setup
 
     audio, _ = reading([6.0] * 10)
     path = tmp_path / "long.flac"

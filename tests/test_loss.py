@@ -57,7 +57,7 @@ def test_logged_train_loss_equals_the_eval_loss_on_the_same_samples(tiny_model, 
     texts = ["네", "안녕하세요 오늘은 날씨가 맑고 따뜻합니다", "책을", "학교에 가는 길에 친구를 만났어요 " * 3,
              "하나 둘", "저는 사과와 배를 좋아해요 " * 5]
     samples = [make_sample(f"s{i}", seed=i, text=t, domain=("normal", "dyslexic")[i % 2], seconds=3.0)
-               for i, t in enumerate(texts)]  # 3 s: room for 50 characters (wdx.data.MAX_CHARS_PER_SECOND)
+               for i, t in enumerate(texts)]  # 3 s: room for 50 characters (wdx.data.pipeline.MAX_CHARS_PER_SECOND)
     make_split("train", samples)
     root = make_split("val_small", samples)
     argv = ["--dataset-root", root, "--base-model", tiny_model, "--output-dir", str(tmp_path), "--run-name", "r",
@@ -76,7 +76,7 @@ def test_the_eval_loss_computes_no_gradient_under_no_grad():
     # computed the hidden states' and domain rows' gradients at every evaluation (2.3x the work)
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from wdx.lm_head import DomainProjection
+    from wdx.model.lm_head import DomainProjection
 
     class CountMatmuls(TorchDispatchMode):
         n = 0

@@ -33,7 +33,7 @@ TRAINED = 2  # --train-encoder-layers and --train-decoder-layers of the tiny 4 +
 
 
 def trained_names(model_dir: str, layers: int) -> set[str]:
-    from wdx.model import setup
+    from wdx.model.whisper import setup
 
     w, groups = setup(model_dir, language="ko", encoder_layers=layers, decoder_layers=layers)
     ids = {id(p) for name, ps in groups.items() if name != "domain_token_rows" for p in ps}
@@ -43,7 +43,7 @@ def trained_names(model_dir: str, layers: int) -> set[str]:
 def check_final(final: Path, base_model: str, layers: int) -> None:
     """final/ loads and transcribes; frozen weights are the base's (in the saved dtype), bit
     for bit; the domain-token rows moved; the trained blocks moved."""
-    from wdx.inference import HFTranscriber
+    from wdx.scoring.inference import HFTranscriber
 
     got, base = load_file(final / "model.safetensors"), load_file(Path(base_model) / "model.safetensors")
     trained = trained_names(base_model, layers)
@@ -86,7 +86,7 @@ def launch(config: str, argv: list[str], env: dict | None = None) -> subprocess.
 def eight_clips(tiny_dataset, tmp_path_factory) -> str:
     """8 training clips (2 steps per epoch for 2 processes x batch 2) and tiny_dataset's val_small."""
     from tests.conftest import FORMATS, TEXTS, make_sample
-    from wdx.pack import write_split
+    from wdx.data.pack import write_split
 
     root = tmp_path_factory.mktemp("eight") / "data"
     write_split(root / "train", [make_sample(f"e{i}", seed=i, text=TEXTS[i % 4], domain=("normal", "dyslexic")[i % 2],

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from wdx.metrics import by_domain, error_rates, format_table
-from wdx.text import normalize_for_cer, normalize_for_wer, normalize_text
+from wdx.data.text import normalize_for_cer, normalize_for_wer, normalize_text
+from wdx.scoring.metrics import by_domain, error_rates, format_table
 
 
 def test_cer_ignores_punctuation_and_spaces_the_korean_convention():
@@ -65,7 +65,7 @@ def test_bootstrap_interval_holds_the_cer_is_seeded_and_narrows_with_more_uttera
 
 
 def test_paired_comparison_tells_a_real_gain_from_noise():
-    from wdx.metrics import compare
+    from wdx.scoring.metrics import compare
 
     def rows(every):  # one utterance in `every` loses half its characters
         return [dict(key=str(i), domain=("normal", "dyslexic")[i % 2], ref="가나다라마바",
@@ -82,7 +82,7 @@ def test_paired_comparison_tells_a_real_gain_from_noise():
 def test_misread_words_are_counted_faithful_repaired_or_other_exactly():
     # issue 23.3: target A B C D, said A' B C' D' plus a filler; hyp keeps A', repairs C' to C, writes X for D'
     # and drops the filler (an insertion left out reads as the target: repaired)
-    from wdx.metrics import fidelity, misreads
+    from wdx.scoring.metrics import fidelity, misreads
 
     target = "오늘 학교에서 노래를 불렀어요"
     said, hyp = "오느 학교에서 음 누래를 불렀서요", "오느 학교에서 노래를 볼렀어"
@@ -124,7 +124,7 @@ def respaced(text: str, seed: int) -> str:
      dict(misread=6, faithful=1, repaired=4, other=1)),
 ])
 def test_misread_counts_depend_on_the_characters_never_on_the_spacing(target, said, hyp, expected):
-    from wdx.metrics import MISREAD_KEYS, misreads
+    from wdx.scoring.metrics import MISREAD_KEYS, misreads
 
     assert misreads(target, said, hyp) == {k: expected.get(k, 0) for k in MISREAD_KEYS}
     for seed in range(20):  # the reference's and the hypothesis's spacing, each anywhere
@@ -132,7 +132,7 @@ def test_misread_counts_depend_on_the_characters_never_on_the_spacing(target, sa
 
 
 def test_fluent_cer_tells_a_recognition_error_from_a_disfluency_left_out():
-    from wdx.metrics import fluent_cer, fluent_hypothesis
+    from wdx.scoring.metrics import fluent_cer, fluent_hypothesis
 
     said, fluent = "아 모 몬 소리야 칠 십 퍼센트", "몬 소리야 칠 십 퍼센트"
     assert fluent_hypothesis(said, fluent, "아 몬 소리야 칠십 퍼센트") == "몬 소리야 칠십 퍼센트"
@@ -146,7 +146,7 @@ def test_fluent_cer_tells_a_recognition_error_from_a_disfluency_left_out():
 
 def test_swer_scores_words_not_the_hypothesis_spacing():
     # issue 32.6: Kspon results are published as CER, WER and space-normalised WER (KsponSpeech paper)
-    from wdx.metrics import space_normalized
+    from wdx.scoring.metrics import space_normalized
 
     ref = "나는 학교에 간다"
     glued = error_rates([ref], ["나는학교에 간다"])
@@ -162,7 +162,7 @@ def test_swer_scores_words_not_the_hypothesis_spacing():
 
 def test_intervals_are_never_nan_and_say_n_a_where_there_is_no_draw():
     # issue 33.4: a draw of utterances without misread words divided 0 by 0, and the interval came out NaN
-    from wdx.metrics import compare, format_comparison
+    from wdx.scoring.metrics import compare, format_comparison
 
     said = dict(target="오늘 학교에", ref="오느 학교에")
     rows_a = [dict(key="1", domain="dyslexic", hyp="오늘 학교에", **said),
@@ -178,7 +178,7 @@ def test_intervals_are_never_nan_and_say_n_a_where_there_is_no_draw():
 
 def test_utterances_of_one_speaker_are_resampled_together():
     # issue 33.4: 40 clips of 2 speakers are 2 draws, not 40 (one speaker's clips share a voice)
-    from wdx.metrics import error_rates
+    from wdx.scoring.metrics import error_rates
 
     refs = ["가나다라"] * 40
     hyps = ["가나다마" if i < 20 else "가나다라" for i in range(40)]
@@ -192,7 +192,7 @@ def test_utterances_of_one_speaker_are_resampled_together():
 
 
 def test_a_real_difference_is_corrected_for_the_comparisons_of_its_table():
-    from wdx.metrics import bootstrap_p, compare, holm
+    from wdx.scoring.metrics import bootstrap_p, compare, holm
 
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": True, "b": False, "c": False}  # 0.03 > 0.05 / 2
     assert holm({"a": 0.01, "b": 0.02}) == {"a": True, "b": True}

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-from wdx.domains import DOMAIN_TOKENS
-from wdx.model import setup
+from wdx.model.domains import DOMAIN_TOKENS
+from wdx.model.whisper import setup
 
 
 def test_domain_tokens_get_ids_at_or_above_the_model_vocab_and_nothing_shrinks(tiny_model):
@@ -60,7 +60,7 @@ def test_after_one_step_only_the_intended_parameters_moved(tiny_model):
 
 
 def test_freezing_counts_match_the_groups(tiny_model):
-    from wdx.model import count_trainable
+    from wdx.model.whisper import count_trainable
 
     w, groups = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=0)
     counts = count_trainable(groups)
@@ -78,7 +78,7 @@ def test_dropout_is_set_before_the_modules_are_built(tiny_model):
 def test_an_unloadable_base_model_is_one_clear_error(tmp_path):
     import pytest
 
-    from wdx.model import ModelLoadError
+    from wdx.model.whisper import ModelLoadError
 
     with pytest.raises(ModelLoadError, match=r"^--base-model .*nothing-here: no such directory$"):
         setup(str(tmp_path / "nothing-here"), language="ko", encoder_layers=1, decoder_layers=1)
@@ -88,8 +88,8 @@ def test_an_unloadable_base_model_is_one_clear_error(tmp_path):
 
 
 def test_generation_never_emits_a_domain_or_timestamp_token(tiny_model):
-    from wdx.collate import prompt_ids
-    from wdx.evaluation import generate
+    from wdx.data.collate import prompt_ids
+    from wdx.scoring.forward import generate
 
     w, _ = setup(tiny_model, language="ko", encoder_layers=0, decoder_layers=0)
     model, tok = w.model.eval(), w.tokenizer
@@ -119,10 +119,10 @@ def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
     embedding trainable with a gradient mask, fp32 logits of every position)."""
     from bench.memory import legacy_loss, legacy_setup
     from train_loop import build_optimizer
-    from wdx.collate import IGNORE, Collator
     from wdx.config import TrainConfig
-    from wdx.evaluation import token_loss_sum
-    from wdx.lm_head import plain_whisper
+    from wdx.data.collate import IGNORE, Collator
+    from wdx.model.lm_head import plain_whisper
+    from wdx.scoring.forward import token_loss_sum
 
     w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, rows_init=0.0)
     old = plain_whisper(w.model.config, w.model.generation_config,
@@ -159,14 +159,14 @@ def test_domain_rows_train_exactly_like_the_old_masked_embedding(tiny_model):
 
 def test_training_loss_never_builds_the_full_logits_nor_a_kv_cache(tiny_model, monkeypatch):
     """Issue 12.3: only label positions are projected, a chunk at a time; no past key values."""
-    import wdx.lm_head
-    from wdx.collate import Collator
-    from wdx.evaluation import token_loss_sum
-    from wdx.memory import LiveBytes
+    import wdx.model.lm_head
+    from wdx.data.collate import Collator
+    from wdx.scoring.forward import token_loss_sum
+    from wdx.train.memory import LiveBytes
 
     w, _ = setup(tiny_model, language="ko", encoder_layers=1, decoder_layers=1)
     vocab = w.model.config.vocab_size
-    monkeypatch.setattr(wdx.lm_head, "CHUNK_LOGIT_BYTES", 16 * 4 * vocab)  # 16 positions per chunk
+    monkeypatch.setattr(wdx.model.lm_head, "CHUNK_LOGIT_BYTES", 16 * 4 * vocab)  # 16 positions per chunk
     batch = Collator(w.tokenizer, "ko")([dict(text="저는 사과와 배를 좋아해요 " * 12, domain="normal", key=str(i),
                                               duration=1.0, audio=np.zeros(10, np.float32)) for i in range(2)])
     caches = []
@@ -201,7 +201,7 @@ def test_the_two_domain_rows_differ_at_step_0_by_the_chosen_spread(tiny_model):
 
 
 def test_without_domain_conditioning_the_prompt_has_four_tokens_and_nothing_is_added(tiny_model):
-    from wdx.collate import Collator
+    from wdx.data.collate import Collator
 
     base_tok = AutoTokenizer.from_pretrained(tiny_model)
     w, groups = setup(tiny_model, language="ko", encoder_layers=2, decoder_layers=2, conditioning="none")

@@ -9,7 +9,7 @@ import pytest
 
 import train_loop
 from bench.plan import LARGE_V3, SHAPES, shaped
-from wdx.plan import GIB, Step, card_needs, load_config, per_gpu, plan_table, simulate
+from wdx.train.plan import GIB, Step, card_needs, load_config, per_gpu, plan_table, simulate
 
 
 @pytest.mark.parametrize("name,d_model,layers,precision,batch,tokens", [
@@ -71,7 +71,7 @@ def test_every_flag_default_comes_from_the_dataclass():
 def test_processes_come_from_the_launcher_else_the_default_accelerate_config(tmp_path, monkeypatch):
     import accelerate.commands.config.config_args as config_args
 
-    from wdx.plan import processes
+    from wdx.train.plan import processes
 
     config = tmp_path / "default_config.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 4\n"

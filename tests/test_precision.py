@@ -11,10 +11,10 @@ from transformers import get_scheduler
 
 import train_loop
 from tests.grad_probe import samples
-from wdx.checkpoint import TrainState
-from wdx.collate import Collator
 from wdx.config import ConfigError, TrainConfig, parse_args, resolve_precision
-from wdx.features import log_mel
+from wdx.data.collate import Collator
+from wdx.data.features import log_mel
+from wdx.train.checkpoint import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_PRESETS = ["single_gpu", "multi_gpu", "multi_node", "zero2", "zero3", "zero3_offload"]
@@ -138,7 +138,7 @@ def test_fp16_survives_a_nan_step_and_the_schedule_counts_only_real_updates(fuse
 
 
 def test_a_deepspeed_config_written_inline_in_the_yaml_is_reconciled_too(monkeypatch):
-    from wdx.accel import deepspeed_plugin
+    from wdx.train.accel import deepspeed_plugin
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # no deepspeed_config_file: the yaml's own fields
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
@@ -154,8 +154,8 @@ def test_bf16_holds_frozen_weights_in_bf16_unchanged_and_final_has_the_bases_bit
     from safetensors.torch import load_file
     from transformers import WhisperForConditionalGeneration
 
-    from wdx.accel import build_accelerator
-    from wdx.export import write_final
+    from wdx.train.accel import build_accelerator
+    from wdx.train.export import write_final
 
     base = tmp_path / "fp16-base"
     WhisperForConditionalGeneration.from_pretrained(tiny_model).half().save_pretrained(base)

@@ -1,4 +1,4 @@
-"""The README as written: its deploy snippets run, and its demo figures are one run's."""
+"""README.md and docs/ as written: the deploy snippets run, the figures are the committed JSON's, the links hold."""
 
 import json
 import logging
@@ -12,29 +12,36 @@ import soundfile
 from bench.flops import train_flops_per_sample
 from tests.conftest import same_start, speechlike
 from wdx.demo import readme
-from wdx.inference import HFTranscriber
-from wdx.plan import load_config
+from wdx.scoring.inference import HFTranscriber
+from wdx.train.plan import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = readme.pages(ROOT)
+README = PAGES[ROOT / "README.md"]
+TEXT = "\n".join(PAGES.values())  # where a figure check looks: the text it checks may sit on any page
 
 
 def snippet(marker: str) -> str:
     """The README's python block that contains `marker`."""
-    (code,) = [c for c in re.findall(r"```python\n(.*?)```", README, re.S) if marker in c]
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", TEXT, re.S) if marker in c]
     return re.sub(r"^  ", "", code, flags=re.M)  # blocks inside a list item are indented by 2
 
 
 def test_the_readme_figures_are_those_bench_demo_json_renders():
     figures = json.loads((ROOT / "bench" / "demo.json").read_text())
-    assert readme.update(README, figures) == README, "python -m wdx.demo.readme bench/demo.json rewrites them"
+    assert readme.update(PAGES, figures) == PAGES, "python -m wdx.demo.readme bench/demo.json rewrites them"
     rendered = readme.render(figures)
     assert f"{figures['deployed']['CTranslate2 int8']['cer']['dyslexic']:.3f}" in rendered["deploy"]
 
 
 def test_a_readme_block_missing_is_an_error_not_a_silent_pass():
-    with pytest.raises(ValueError, match="README has no <!-- demo:deploy --> ... <!-- /demo:deploy --> block"):
-        readme.update(README.replace("<!-- demo:deploy -->", ""), json.loads((ROOT / "bench/demo.json").read_text()))
+    figures = json.loads((ROOT / "bench/demo.json").read_text())
+    missing = {path: text.replace("<!-- demo:deploy -->", "") for path, text in PAGES.items()}
+    with pytest.raises(ValueError, match="no page has a <!-- demo:deploy --> ... <!-- /demo:deploy --> block"):
+        readme.update(missing, figures)
+    twice = {**PAGES, ROOT / "docs" / "copy.md": PAGES[ROOT / "README.md"]}  # the results block on two pages
+    with pytest.raises(ValueError, match="2 pages have a <!-- demo:results -->"):
+        readme.update(twice, figures)
 
 
 def test_the_pipeline_snippet_as_written_short_clips_and_what_it_does_on_long_ones(trained, tmp_path, monkeypatch,
@@ -69,7 +76,7 @@ def test_the_faster_whisper_snippet_as_written(trained, tmp_path, monkeypatch, c
 
 def test_the_corpus_scale_figures_in_the_readme_are_those_of_bench_json():
     # every figure of "A corpus of KsponSpeech's size" as the README prints it, from the runs it names
-    text = " ".join(README.split())
+    text = " ".join(TEXT.split())
     pack = json.loads((ROOT / "bench" / "pack.json").read_text())
     for n, r in pack["sizes"].items():
         row = (f"| {int(n):,} | {r['seconds']:.1f} | {r['files_per_s']:,.0f} ({r['files_per_s_per_worker']:,.0f}) | "
@@ -98,4 +105,21 @@ def test_the_corpus_scale_figures_in_the_readme_are_those_of_bench_json():
 
 def test_the_flop_count_the_readme_quotes_is_bench_flops():
     total = train_flops_per_sample(load_config("openai/whisper-large-v3"), 50, 4, 4)["total"]
-    assert f"{total / 1e12:.2f} TFLOP per large-v3 training clip of 50 label tokens" in " ".join(README.split())
+    assert f"{total / 1e12:.2f} TFLOP per large-v3 training clip of 50 label tokens" in " ".join(TEXT.split())
+
+
+def test_the_readme_links_every_docs_page_and_every_link_lands():
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs and all(f"(docs/{page.name})" in README for page in docs)
+    for path, text in PAGES.items():
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            page = (path.parent / target).resolve() if target else path
+            assert page.exists(), f"{path.name}: link to {target}"
+            if anchor and page.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", page.read_text(encoding="utf-8"), re.M)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
+                assert anchor in slugs, f"{path.name}: no heading #{anchor} in {page.name}"
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 350

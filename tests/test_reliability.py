@@ -15,7 +15,7 @@ import pytest
 import train_loop
 from tests.conftest import make_sample
 from tests.test_distributed import free_port
-from wdx.pack import write_split
+from wdx.data.pack import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def test_fp16_on_a_cpu_fails_at_start_naming_the_flag(tiny_dataset, tiny_model, 
 
 
 def test_resuming_with_another_model_is_refused(reference, tiny_dataset, tiny_model, tmp_path, capsys):
-    from wdx.tiny import build
+    from wdx.model.tiny import build
 
     assert train_loop.main(argv(tiny_dataset, tiny_model, tmp_path, "r", "--max-steps", "2")) == 0
     other = build(tmp_path / "other", d_model=32)

@@ -17,12 +17,12 @@ from tests.conftest import make_sample
 from tests.test_adversarial_data import members_of, write_raw_shard
 from tests.test_data import flat, run
 from wdx import strictjson
-from wdx.augment import SpecAugment, spec_masks
-from wdx.data import DatasetError, check_domain_skips, decode_sample, group_members
-from wdx.domains import parse_domains
-from wdx.model import ModelLoadError, frozen_sha256, setup
-from wdx.pack import write_split
-from wdx.shards import load_split
+from wdx.data.augment import SpecAugment, spec_masks
+from wdx.data.pack import write_split
+from wdx.data.pipeline import DatasetError, check_domain_skips, decode_sample, group_members
+from wdx.data.shards import load_split
+from wdx.model.domains import parse_domains
+from wdx.model.whisper import ModelLoadError, frozen_sha256, setup
 
 
 def decoded(raw: dict, **kw):
@@ -134,7 +134,7 @@ def test_written_json_has_no_bare_nan():
     report = {"results": {"adhd": {"n": 0, "cer": math.nan, "wer": math.inf}, "all": {"cer": 0.1}}, "rows": [1.5]}
     assert strict_loads(strictjson.dumps(report)) == {"results": {"adhd": {"n": 0, "cer": None, "wer": None},
                                                                   "all": {"cer": 0.1}}, "rows": [1.5]}
-    from wdx.checkpoint import TrainState
+    from wdx.train.checkpoint import TrainState
 
     state = TrainState(best_results={"normal": {"cer": math.nan}})
     assert strict_loads(state.to_json())["best_results"] == {"normal": {"cer": None}}
@@ -145,9 +145,9 @@ def test_written_json_has_no_bare_nan():
 def test_spec_augment_runs_once_and_never_in_the_padding(tiny_model, tmp_path):
     from transformers import WhisperConfig
 
-    from wdx import augment
     from wdx.config import parse_args
-    from wdx.evaluation import token_loss_sum
+    from wdx.data import augment
+    from wdx.scoring.forward import token_loss_sum
 
     base = tmp_path / "spec-base"
     shutil.copytree(tiny_model, base)
@@ -191,8 +191,8 @@ def test_setup_and_the_cli_share_the_rows_init_default():
 
 
 def test_a_diverged_eval_loss_spends_patience_and_an_empty_cer_does_not():
-    from wdx.checkpoint import TrainState
     from wdx.config import parse_args
+    from wdx.train.checkpoint import TrainState
 
     cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--early-stopping-patience", "2",
                       "--metric-for-best-model", "loss"])
@@ -214,7 +214,7 @@ def test_a_diverged_eval_loss_spends_patience_and_an_empty_cer_does_not():
 def test_the_schedule_follows_an_optimizer_that_replaced_its_groups():
     from transformers import get_scheduler
 
-    from wdx.accel import schedule_the_stepping_optimizer
+    from wdx.train.accel import schedule_the_stepping_optimizer
 
     p = torch.nn.Parameter(torch.zeros(2))
     ours = torch.optim.AdamW([{"params": [p], "name": "blocks"}], lr=1.0)
@@ -256,8 +256,9 @@ def test_a_base_model_s_third_domain_is_trained_and_scored(tiny_model, tmp_path)
 # ---- 10, 13, 16: the encoder cache
 
 def test_the_cache_fingerprint_covers_the_prefix_code_and_libraries_not_the_domain_order(tiny_model, monkeypatch):
-    from wdx import encoder_cache, lm_head
     from wdx.config import parse_args
+    from wdx.model import lm_head
+    from wdx.train import encoder_cache
 
     def fingerprint(domains: str) -> dict:
         cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--domains", domains])
@@ -299,8 +300,8 @@ def test_non_adjacent_members_count_the_same_from_the_cache_as_from_audio(tiny_m
 def test_a_failed_cache_write_closes_its_files(tiny_model, tiny_dataset, tmp_path, monkeypatch):
     import webdataset as wds
 
-    from wdx import encoder_cache
-    from wdx.conventions import PLAIN
+    from wdx.data.conventions import PLAIN
+    from wdx.train import encoder_cache
 
     opened = []
 

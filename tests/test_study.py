@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_sample
-from wdx import study
-from wdx.pack import write_split
+from wdx.data.pack import write_split
+from wdx.scoring import study
 
 ROOT = Path(__file__).resolve().parents[1]
 

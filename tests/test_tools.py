@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 from tests.conftest import speechlike
-from wdx.audio import encode_audio
-from wdx.shards import load_split
+from wdx.data.audio import encode_audio
+from wdx.data.shards import load_split
 
 FORMATS = [("wav", 44100, 2), ("flac", 16000, 1), ("mp3", 22050, 1), ("ogg", 8000, 1), ("m4a", 48000, 1)]
 
@@ -109,9 +109,9 @@ def test_inspect_fails_in_one_line_on_a_missing_split(tmp_path):
 def test_pack_shuffles_a_domain_sorted_manifest_so_shards_mix_domains(tmp_path, capsys):
     # issue 22.8: main kept manifest order, so a manifest sorted by domain gave one-domain shards and
     # 41-51 % of batches without a dyslexic sample
-    from wdx.inspect import format_report, inspect_split
-    from wdx.pack import pack
-    from wdx.shards import load_split
+    from wdx.data.inspect import format_report, inspect_split
+    from wdx.data.pack import pack
+    from wdx.data.shards import load_split
 
     (tmp_path / "a.wav").write_bytes(encode_audio(speechlike(0.5, 16000), 16000, "wav"))
     rows = [{"audio_path": "a.wav", "text": "안녕", "domain": d, "split": "train"}
@@ -127,9 +127,9 @@ def test_pack_shuffles_a_domain_sorted_manifest_so_shards_mix_domains(tmp_path, 
 
 def test_inspect_with_the_base_model_counts_transcripts_training_skips(tmp_path, tiny_model):
     # issue 22.16: main called a transcript longer than the decoder holds usable; training skips it
-    from wdx.inspect import inspect_split, text_encoder
-    from wdx.pack import write_split
-    from wdx.shards import load_split
+    from wdx.data.inspect import inspect_split, text_encoder
+    from wdx.data.pack import write_split
+    from wdx.data.shards import load_split
 
     long_text = "".join(chr(0xAC00 + i * 7919 % 11172) for i in range(300))  # 300 syllables, no merges: > 442 tokens
     samples = [{"__key__": "long", "wav": encode_audio(speechlike(13.0, 16000), 16000, "wav"),
@@ -150,7 +150,7 @@ def test_pack_gives_the_same_shards_for_any_worker_count_and_never_imports_torch
     rows = audio_rows(tmp_path, n_per_format=3)
     rows[4]["audio_path"] = "missing.wav"  # a skipped row changes no other row's shard
     manifest = write_manifest(tmp_path, rows)
-    script = ("import sys, wdx.pack; code = wdx.pack.main(sys.argv[1:]); "
+    script = ("import sys, wdx.pack; code = wdx.data.pack.main(sys.argv[1:]); "
               "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
     digests = {}
     for workers in (1, 3):

@@ -63,8 +63,8 @@ def test_checkpoints_rotate_and_keep_the_best(finished_run):
 def test_final_loads_and_generates_with_the_domain_prompt(finished_run, tiny_model):
     from transformers import AutoTokenizer, WhisperForConditionalGeneration, pipeline
 
-    from wdx.collate import prompt_ids
-    from wdx.evaluation import generate
+    from wdx.data.collate import prompt_ids
+    from wdx.scoring.forward import generate
 
     final = finished_run / "final"
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -156,7 +156,7 @@ def test_debug_step_reports_phases_and_a_falling_loss(tiny_dataset, tiny_model, 
 
 
 def test_the_evaluation_tool_reproduces_the_run_s_last_eval(finished_run, tmp_path):
-    from wdx import evaluate as evaluate_tool
+    from wdx.scoring import evaluate as evaluate_tool
 
     out = tmp_path / "e.json"
     data = json.loads((finished_run / "final" / "train_config.json").read_text())["dataset_root"]
@@ -215,8 +215,8 @@ def test_early_stopping_saves_stops_and_final_holds_the_best_weights(tiny_datase
 
 def test_the_best_is_any_improvement_and_the_threshold_only_spends_patience(capsys):
     # issue 22.2: main kept 0.200 as the best of 0.200, 0.195, 0.192, 0.191 (threshold 0.01) and put it in final/
-    from wdx.checkpoint import TrainState
     from wdx.config import parse_args
+    from wdx.train.checkpoint import TrainState
 
     cfg = parse_args(["--dataset-root", "x", "--run-name", "x", "--early-stopping-patience", "3",
                       "--early-stopping-threshold", "0.01"])
@@ -239,7 +239,8 @@ def test_a_model_without_domain_conditioning_trains_resumes_exports_and_transcri
     import shutil
 
     from tests.test_evaluate import clips
-    from wdx import export_ct2, transcribe
+    from wdx.deploy import export_ct2
+    from wdx.scoring import transcribe
 
     extra = ["--domain-conditioning", "none", "--max-steps", "4", "--num-workers", "0"]
     assert train_loop.main(args(tiny_dataset, tiny_model, tmp_path, "none", *extra)) == 0

@@ -16,9 +16,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from .augment import SpecAugment
-from .conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention
-from .domains import DOMAINS, ROWS_INIT, parse_domains
+from wdx.data.augment import SpecAugment
+from wdx.data.conventions import CONVENTIONS, DUAL_SIDES, PLAIN, Convention
+from wdx.model.domains import DOMAINS, ROWS_INIT, parse_domains
 
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -48,13 +48,13 @@ class TrainConfig:
     default_domain: str | None = opt(None, "domain for samples whose sample and split name none (one of --domains)",
                                      group="data")
     text_convention: str | None = opt(None, "how the transcripts are written: plain (as is), or kspon (KsponSpeech "
-                                      "/ AI Hub markup, converted: see wdx/conventions.py); default: as the train "
+                                      "/ AI Hub markup, converted: see wdx/data/conventions.py); default: as the train "
                                       "split's metadata.json records (wdx.pack --text-convention converts at packing "
                                       "time and records it), else plain", choices=CONVENTIONS, group="data")
     dual_transcription: str = opt("pronunciation", "kspon's (spelling)/(pronunciation) pairs: the side trained on",
                                   choices=DUAL_SIDES, group="data")
     train_split: str = opt("train", "training split directory under --dataset-root", group="data")
-    # --- augmentation of training inputs (wdx/augment.py): per sample and epoch, from --seed; never evaluation
+    # --- augmentation of training inputs (wdx/data/augment.py): per sample and epoch, from --seed; never evaluation
     speed_perturb: str = opt("", "speed factors, comma-separated, one drawn per sample and epoch (e.g. 0.9,1.0,1.1: "
                              "the usual three-way perturbation); empty: off", group="augmentation")
     noise_snr_db: str = opt("", "add noise at an SNR drawn from LOW,HIGH dB per sample and epoch (e.g. 10,30); "
@@ -83,7 +83,7 @@ class TrainConfig:
     max_eval_samples: int | None = opt(None, "evaluate on at most this many samples (default: all)", group="data")
     encoder_cache: str | None = opt(None, "directory of the encoder cache: the frozen encoder blocks' output for every "
                                           "clip, built on first use, so later epochs skip audio decoding, log-mel and "
-                                          "the frozen blocks (README 'Encoder cache')", group="data")
+                                          "the frozen blocks (docs/encoder-cache.md)", group="data")
     rebuild_encoder_cache: bool = opt(False, "--encoder-cache built for another set-up: delete and build it again "
                                              "(default: refuse it, naming what differs)", group="data")
     # --- model

@@ -2,6 +2,6 @@
 
 import sys
 
-from .pipeline import main
+from wdx.demo.pipeline import main
 
 sys.exit(main())

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..audio import encode_audio, resample
-from ..pack import write_split
-from .tts import espeak
+from wdx.data.audio import encode_audio, resample
+from wdx.data.pack import write_split
+from wdx.demo.tts import espeak
 
 TIMES = ["오늘", "어제", "아침에", "주말에", "저녁에", "방학에"]
 SUBJECTS = ["저는", "우리 형은", "선생님께서", "내 친구가", "동생이", "할머니께서"]

@@ -9,7 +9,7 @@
 4. fine-tune it with `accelerate launch train_loop.py` (the real loop, real flags)
 5. evaluate final/ with the same tool; on val_small also with the wrong domain token
 6. export final/ for CTranslate2 (float32 and int8) and evaluate both with the same tool;
-   decode recordings longer than 30 s made of held-out sentences (wdx.longform)
+   decode recordings longer than 30 s made of held-out sentences (wdx.scoring.longform)
 7. write OUT_DIR/REPORT.md (table, loss and CER curves, deployment parity, long-form, examples)
 Steps 1-2 are skipped when their output exists. Sizes aim at 12 minutes on 2 CPU cores.
 """
@@ -27,20 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import evaluate, export_ct2
-from ..inference import HFTranscriber
-from ..longform import transcribe_long
-from ..metrics import by_domain, cer
-from . import data as demo_data
-from . import offline_model
-from .report import deployed_summary, summary, write_report
+from wdx.demo import data as demo_data
+from wdx.demo import offline_model
+from wdx.demo.report import deployed_summary, summary, write_report
+from wdx.deploy import export_ct2
+from wdx.scoring import evaluate
+from wdx.scoring.inference import HFTranscriber
+from wdx.scoring.longform import transcribe_long
+from wdx.scoring.metrics import by_domain, cer
 
 log = logging.getLogger("wdx.demo")
 REPO = Path(__file__).resolve().parents[2]
 
 # Sizes chosen for 2 CPU cores: ~1.2 s per training sample (forward + backward, base,
 # 30 s padded input) and ~0.5 s per evaluated clip. No loader worker: on 2 cores a worker
-# process takes CPU from the model (bench/README "Performance").
+# process takes CPU from the model (docs/performance.md).
 N_TRAIN, N_VAL, EPOCHS, BATCH, EVAL_STEPS, MAX_NEW_TOKENS = 80, 16, 2, 8, 10, 60
 HELD_OUT = {"val_small": "seen voices", "val_unseen": "unseen voices"}
 
@@ -63,7 +64,7 @@ def held_out(data: Path) -> list[dict]:
 
 def pipeline_eval(final: Path, samples: list[dict]) -> dict:
     """The held-out clips through transformers' ASR pipeline, one call per clip, with the domain
-    prompt as decoder_input_ids (README "Deploy"); the same result layout as wdx.evaluate."""
+    prompt as decoder_input_ids (docs/deploy.md); the same result layout as wdx.evaluate."""
     asr, transcriber = asr_pipeline(final), HFTranscriber(final)
     rows = [dict(key=s["key"], domain=s["domain"], ref=s["text"],
                  hyp=asr(s["audio"], transcriber.prompt(s["domain"]), max_new_tokens=MAX_NEW_TOKENS))
@@ -72,7 +73,7 @@ def pipeline_eval(final: Path, samples: list[dict]) -> dict:
 
 
 def asr_pipeline(final: Path):
-    """transformers' ASR pipeline on `final`, called as README "Deploy" shows: f(audio, prompt, **options)."""
+    """transformers' ASR pipeline on `final`, called as docs/deploy.md shows: f(audio, prompt, **options)."""
     import torch
     from transformers import pipeline
 
@@ -87,7 +88,7 @@ def asr_pipeline(final: Path):
 
 
 def faster_whisper_eval(export: Path, samples: list[dict]) -> dict:
-    """The held-out clips through faster-whisper (wdx.deploy.DomainWhisperModel), one call per clip,
+    """The held-out clips through faster-whisper (wdx.deploy.faster_whisper.DomainWhisperModel), one call per clip,
     greedy; the same result layout as wdx.evaluate."""
     models = domain_models(export)
     rows = []
@@ -99,7 +100,7 @@ def faster_whisper_eval(export: Path, samples: list[dict]) -> dict:
 
 
 def domain_models(export: Path) -> dict:
-    from ..deploy import DomainWhisperModel
+    from wdx.deploy.faster_whisper import DomainWhisperModel
 
     return {d: DomainWhisperModel(export, domain=d, cpu_threads=2) for d in ("normal", "dyslexic")}
 
@@ -129,7 +130,7 @@ def no_speech_effect(export: Path, samples: list[dict]) -> list[dict]:
     """The dyslexic held-out clips, as read and with hesitant pauses, through DomainWhisperModel
     with each `no_speech_threshold`: CER, how many clips came back empty (a window judged silent
     is dropped), and the largest no-speech probability the model gave."""
-    from ..deploy import DomainWhisperModel
+    from wdx.deploy.faster_whisper import DomainWhisperModel
 
     model = DomainWhisperModel(export, domain="dyslexic", cpu_threads=2)
     dyslexic = [s for s in samples if s["domain"] == "dyslexic"]

@@ -1,11 +1,12 @@
-"""The README's demo figures, rendered from one run's summary.json, so they cannot drift.
+"""The figures of README.md and docs/*.md, rendered from committed JSON, so they cannot drift.
 
-    python -m wdx.demo.readme demo_out/summary.json [--readme README.md] [--check]
+    python -m wdx.demo.readme demo_out/summary.json [--check]
 
 `make demo` writes OUT/summary.json (every figure REPORT.md quotes, without the per-clip
-samples). This rewrites each README block between `<!-- demo:NAME -->` and
-`<!-- /demo:NAME -->` from it; the run it came from is kept as bench/demo.json, and a test
-checks that the README equals what that file renders. --check only compares.
+samples); the run it came from is kept as bench/demo.json. The other blocks come from the
+bench JSON files named below. Each block between `<!-- demo:NAME -->` and `<!-- /demo:NAME -->`
+sits in exactly one page; this rewrites it, and a test checks that the pages equal what the
+committed JSON renders. --check only compares.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from transformers import WhisperConfig
 
 from bench.encoder_cache import GEOMETRIES
 from bench.flops import cache_bound, train_flops_per_sample
-
-from ..domains import ROWS_INIT
-from ..metrics import interval_text
-from ..plan import load_config
-from ..study import table as study_table
-from .report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
+from wdx.demo.report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
+from wdx.model.domains import ROWS_INIT
+from wdx.scoring.metrics import interval_text
+from wdx.scoring.study import table as study_table
+from wdx.train.plan import load_config
 
 BLOCKS = ("results", "deploy", "augment", "rows", "study", "perf", "cache", "cache_why", "cache_scale", "memory",
           "plan_accuracy", "plan", "plan_batches", "plan_batches_gc")
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
 AUGMENT = BENCH / "augment.json"  # the augmentation measurement
 ROWS = BENCH / "rows_init.json"  # python -m bench.rows_init
 STUDY = BENCH / "study.json"  # make study
@@ -295,45 +296,46 @@ def pattern(name: str) -> re.Pattern:
     return re.compile(rf"<!-- demo:{name} -->\n(.*?)<!-- /demo:{name} -->", re.S)
 
 
-def blocks(readme: str) -> dict[str, str]:
-    """The README's current text of each block (a missing block is an error: nothing to keep true)."""
-    found = {}
-    for name in BLOCKS:
-        match = pattern(name).search(readme)
-        if not match:
-            raise ValueError(f"README has no <!-- demo:{name} --> ... <!-- /demo:{name} --> block")
-        found[name] = match.group(1).removesuffix("\n")
-    return found
+def pages(root: Path = ROOT) -> dict[Path, str]:
+    """README.md and every docs page, by path: the texts the blocks live in."""
+    paths = (root / "README.md", *sorted((root / "docs").glob("*.md")))
+    return {path: path.read_text(encoding="utf-8") for path in paths}
 
 
-def update(readme: str, figures: dict) -> str:
-    blocks(readme)
+def update(texts: dict[Path, str], figures: dict) -> dict[Path, str]:
+    """Every page with its blocks re-rendered. A block missing from every page, or in two, is an
+    error: a figure with no place, or two places that could disagree."""
+    out = dict(texts)
     for name, text in render(figures).items():
+        found = [path for path, page in texts.items() if pattern(name).search(page)]
+        if len(found) != 1:
+            where = "no page has" if not found else f"{len(found)} pages have"
+            raise ValueError(f"{where} a <!-- demo:{name} --> ... <!-- /demo:{name} --> block (README.md, docs/*.md)")
         block = f"<!-- demo:{name} -->\n{text}\n<!-- /demo:{name} -->"
-        readme = pattern(name).sub(lambda _, block=block: block, readme)
-    return readme
+        out[found[0]] = pattern(name).sub(lambda _, block=block: block, out[found[0]])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wdx.demo.readme", description=__doc__.split("\n\n")[0])
     parser.add_argument("summary", type=Path, help="OUT/summary.json of a `make demo` run (or bench/demo.json)")
-    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
-    parser.add_argument("--check", action="store_true", help="only report whether the README matches")
+    parser.add_argument("--check", action="store_true", help="only report whether the pages match")
     args = parser.parse_args(argv)
     try:
         figures = json.loads(args.summary.read_text())
-        readme = args.readme.read_text(encoding="utf-8")
-        new = update(readme, figures)
+        texts = pages()
+        new = update(texts, figures)
     except (OSError, ValueError, KeyError) as exc:
         print(f"wdx.demo.readme: error: {exc}", file=sys.stderr)
         return 1
+    changed = [path for path in texts if new[path] != texts[path]]
     if args.check:
-        if new != readme:
-            print(f"wdx.demo.readme: {args.readme} differs from {args.summary}", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(new, encoding="utf-8")
-    print(f"{args.readme}: demo blocks rewritten from {args.summary}")
+        for path in changed:
+            print(f"wdx.demo.readme: {path.relative_to(ROOT)} differs from {args.summary}", file=sys.stderr)
+        return 1 if changed else 0
+    for path in changed:
+        path.write_text(new[path], encoding="utf-8")
+    print(f"{len(changed)} page(s) rewritten from {args.summary} and bench/*.json")
     return 0
 
 

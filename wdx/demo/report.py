@@ -13,9 +13,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .. import strictjson  # noqa: E402
-from ..domains import DOMAINS  # noqa: E402
-from ..metrics import interval_text  # noqa: E402
+from wdx import strictjson  # noqa: E402
+from wdx.model.domains import DOMAINS  # noqa: E402
+from wdx.scoring.metrics import interval_text  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import strictjson, study
-from . import data as demo_data
-from . import offline_model
-from .pipeline import BATCH, MAX_NEW_TOKENS, N_TRAIN, N_VAL, REPO
-from .report import machine
+from wdx import strictjson
+from wdx.demo import data as demo_data
+from wdx.demo import offline_model
+from wdx.demo.pipeline import BATCH, MAX_NEW_TOKENS, N_TRAIN, N_VAL, REPO
+from wdx.demo.report import machine
+from wdx.scoring import study
 
 N_UNSEEN, SEEDS, STEPS = 216, (1, 2, 3), 20
 BENCH = REPO / "bench" / "study.json"

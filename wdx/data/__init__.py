@@ -1,0 +1,1 @@
+"""Data: audio decoding, shards, the training pipeline, collation, features, augmentation, packing."""
