@@ -17,10 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-from transformers import WhisperConfig
-
 from bench.encoder_cache import GEOMETRIES
 from bench.flops import cache_bound, train_flops_per_sample
+from bench.plan import shaped
 from wdx.demo.report import cost_table, deploy_table, longform_table, no_speech_table, table, token_table
 from wdx.model.domains import ROWS_INIT
 from wdx.scoring.metrics import interval_text
@@ -58,14 +57,13 @@ def render(figures: dict) -> dict[str, str]:
               *no_speech_table(figures["no_speech"]), "", no_speech_verdict(figures["no_speech"]), "",
               "Held-out sentences of one domain read one after another with 0.6 s pauses, each recording decoded "
               "whole:", "", *longform_table(figures["longform"])]
+    perf, cache = json.loads(PERF.read_text()), json.loads(CACHE.read_text())
     return {"results": "\n".join(results), "deploy": "\n".join(deploy),
             "augment": "\n".join(augment_table(json.loads(AUGMENT.read_text()))),
             "rows": "\n".join(rows_table(json.loads(ROWS.read_text()))),
             "study": "\n".join(study_block(json.loads(STUDY.read_text()))),
-            "perf": "\n".join(perf_block(json.loads(PERF.read_text()))),
-            "cache": "\n".join(cache_block(json.loads(CACHE.read_text()))),
-            "cache_why": cache_why(json.loads(CACHE.read_text())), "cache_scale": cache_scale(),
-            "memory": "\n".join(memory_block(json.loads(PERF.read_text()))),
+            "perf": "\n".join(perf_block(perf)), "memory": "\n".join(memory_block(perf)),
+            "cache": "\n".join(cache_block(cache)), "cache_why": cache_why(cache), "cache_scale": cache_scale(),
             **plan_blocks(json.loads(PLAN.read_text()))}
 
 
@@ -180,9 +178,7 @@ def cache_why(run: dict, key: str = "32+32") -> str:
     """Why the speed-up falls short of the FLOP bound: the rate of the work removed against the rate of the rest,
     from the run's seconds per clip and bench.flops' count of the same geometry."""
     g, shape = run["geometries"][key], GEOMETRIES[key]
-    config = WhisperConfig(d_model=shape["d_model"], encoder_layers=shape["layers"], decoder_layers=shape["layers"],
-                           encoder_ffn_dim=4 * shape["d_model"], decoder_ffn_dim=4 * shape["d_model"],
-                           num_mel_bins=shape["n_mels"], vocab_size=shape["vocab_size"])
+    config = shaped(shape["d_model"], shape["layers"], shape["n_mels"], shape["vocab_size"])
     flops = train_flops_per_sample(config, round(g["label_tokens"]), 4, 4)
     frozen = flops["conv_stem"] + flops["encoder_frozen"]
     rest = flops["total"] - frozen
@@ -238,7 +234,7 @@ def plan_blocks(run: dict) -> dict[str, str]:
         rows.append(f"| {r['shape']} (d_model {r['d_model']}, {r['layers']} + {r['layers']} layers) | {precision} | "
                     f"{r['batch']} x {r['tokens']} | {r['planned_mib']:.1f} MiB | {r['measured_mib']:.1f} MiB | "
                     f"{100 * (r['planned_mib'] / r['measured_mib'] - 1):+.1f} % |")
-    printed = ["```", *("precision bf16 (--bf16)\n" + run["large_v3"][mode] for mode in ("off", "on")), "```"]
+    printed = ["```", run["large_v3"]["off"], run["large_v3"]["on"], "```"]
     return {"plan_accuracy": "\n".join(rows), "plan": "\n".join(printed),
             "plan_batches": run["batch_tables"]["off"], "plan_batches_gc": run["batch_tables"]["on"]}
 
